@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import registry
 from mergejax import rules as rules_lib
 from mergejax.tree import MergeError, PyTree, check_compatible, flatten_with_paths, is_float
 
@@ -283,9 +284,10 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
              per_model: Sequence[str] = (), needs_base: bool = True, uses_key: bool = False,
              min_models: int = 1, max_models: int | None = None,
              statistics: Callable[..., Any] | None = None,
-             validate: Callable[..., None] | None = None
+             validate: Callable[..., None] | None = None, register: bool = True
              ) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
-    """Decorator: turns a leaf kernel into a `MergeMethod` (and registers it).
+    """Decorator: turns a leaf kernel into a `MergeMethod`, registered unless
+    ``register=False`` (for a private method used only by its own code).
 
     The kernel's signature is ``kernel(ctx, base, models, *, <hparams with defaults>)``:
     ``base`` is the leaf of the base model (None when the method runs without one),
@@ -319,8 +321,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
                    inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY,
                                      default=True)]
         object.__setattr__(method, "__signature__", inspect.Signature(params))
-        from mergejax import registry  # pylint: disable=import-outside-toplevel
-        registry.register(method)
+        if register:
+            registry.register(method)
         return method
 
     return wrap

@@ -35,10 +35,10 @@ __all__ = [
 _NO_DEFAULT = object()
 
 #: Finds the layer index in a path: ``layers/3/...``, ``layer_3``, ``blocks.3``,
-#: ``encoderblock_3``, ``h/3``. Flax's automatic ``Dense_0`` names are deliberately not
-#: layer indices.
+#: ``encoderblock_3``, ``h/3``, dotted Hugging Face names ``model.layers.3.mlp``.
+#: Flax's automatic ``Dense_0`` names are deliberately not layer indices.
 DEFAULT_LAYER_PATTERN = (
-    r"(?:^|/)(?:[A-Za-z]*(?:layers?|blocks?)|h)(?:[_.]|/)?(\d+)(?:/|$)")
+    r"(?:^|[/.])(?:[A-Za-z]*(?:layers?|blocks?)|h)[_./]?(\d+)(?:[/.]|$)")
 
 
 @dataclasses.dataclass(frozen=True)

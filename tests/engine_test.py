@@ -1,0 +1,235 @@
+"""Tests of the engine every method runs on: dispatch, errors, precision, tracing, keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax
+from mergejax import MergeError
+from mergejax import method as method_lib
+
+BASIC = ["greedy_soup", "karcher", "linear", "metagpt", "model_stock", "multislerp",
+         "nearswap", "slerp", "task_arithmetic"]
+
+
+def _params(seed, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    return {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), dtype),
+                      "bias": jnp.asarray(rng.normal(size=(5,)), dtype)},
+            "norm": {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=(5,)), dtype)},
+            "step": jnp.array(seed, jnp.int32),
+            "mask": jnp.array([True, False])}
+
+
+BASE = _params(0)
+MODELS = [_params(i) for i in (1, 2, 3)]
+
+
+def test_list_methods_has_the_basic_methods():
+    assert set(BASIC) <= set(mergejax.list_methods())
+    assert mergejax.list_methods() == sorted(mergejax.list_methods())
+
+
+def test_merge_dispatches_to_the_method():
+    a = mergejax.merge("task_arithmetic", BASE, MODELS, scale=0.3, weights=[1.0, 0.5, 2.0])
+    b = mergejax.task_arithmetic(BASE, MODELS, scale=0.3, weights=[1.0, 0.5, 2.0])
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(MergeError, match=r"unknown merge method 'tie'.*'task_arithmetic'"):
+        mergejax.merge("tie", BASE, MODELS)
+
+
+def test_unknown_hyperparameter_lists_valid_ones():
+    with pytest.raises(MergeError, match=r"unknown hyperparameter\(s\) \['lambda'\].*"
+                                         r"valid ones are .*'scale'.*'weights'"):
+        mergejax.merge("task_arithmetic", BASE, MODELS, **{"lambda": 0.3})
+    with pytest.raises(MergeError, match=r"unknown hyperparameter\(s\) \['density'\]"):
+        mergejax.linear(None, MODELS, density=0.5)
+    with pytest.raises(MergeError, match=r"unknown hyperparameter\(s\) \['scale'\]"):
+        mergejax.merge("greedy_soup", None, MODELS, evaluate=lambda p: 0.0, scale=1.0)
+
+
+def test_empty_model_list():
+    with pytest.raises(MergeError, match="models is empty"):
+        mergejax.task_arithmetic(BASE, [])
+    with pytest.raises(MergeError, match="models is empty"):
+        mergejax.greedy_soup(None, [], evaluate=lambda p: 0.0)
+
+
+def test_wrong_number_of_weights():
+    with pytest.raises(MergeError, match=r"got 2 weights for 3 models"):
+        mergejax.linear(None, MODELS, weights=[1.0, 2.0])
+    with pytest.raises(MergeError, match=r"one value per model \(3\), got shape \(2,\)"):
+        mergejax.linear(None, MODELS, weights=jnp.ones(2))
+
+
+def test_structural_errors_reach_the_user_through_merge():
+    bad = _params(4)
+    bad["dense"]["kernel"] = jnp.ones((5, 4))
+    with pytest.raises(MergeError, match=r"shape mismatch at 'dense/kernel'.*models\[1\]"):
+        mergejax.merge("linear", BASE, [MODELS[0], bad])
+    bad = _params(4, jnp.bfloat16)
+    with pytest.raises(MergeError, match=r"dtype mismatch at 'dense/bias'.*bfloat16"):
+        mergejax.merge("task_arithmetic", BASE, [bad])
+    bad = {k: v for k, v in _params(4).items() if k != "norm"}
+    with pytest.raises(MergeError, match=r"missing 'norm/scale'"):
+        mergejax.merge("slerp", BASE, [bad])
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_names_model_and_path(bad_value):
+    bad = _params(5)
+    bad["norm"]["scale"] = bad["norm"]["scale"].at[2].set(bad_value)
+    with pytest.raises(MergeError, match=r"non-finite values \(NaN or Inf\) in models\[1\] "
+                                         r"at 'norm/scale'"):
+        mergejax.task_arithmetic(BASE, [MODELS[0], bad])
+    nan_base = _params(0)
+    nan_base["dense"]["bias"] = nan_base["dense"]["bias"].at[0].set(bad_value)
+    with pytest.raises(MergeError, match=r"in base at 'dense/bias'"):
+        mergejax.slerp(nan_base, [MODELS[0]], t=0.5)
+    # The check can be switched off; the value then propagates.
+    out = mergejax.task_arithmetic(BASE, [bad], check_finite=False)
+    assert not np.isfinite(np.asarray(out["norm"]["scale"][2]))
+
+
+def test_non_finite_output_from_finite_inputs_is_reported():
+    with pytest.raises(MergeError, match=r"linear produced non-finite values.*check the "
+                                         r"hyperparameters"):
+        mergejax.linear(None, MODELS[:2], weights=[1.0, -1.0])
+
+
+def test_missing_base_and_missing_required_hyperparameter():
+    with pytest.raises(MergeError, match="task_arithmetic needs a base"):
+        mergejax.task_arithmetic(None, MODELS)
+    with pytest.raises(MergeError, match=r"nearswap needs hyperparameter\(s\) \['t'\]"):
+        mergejax.nearswap(BASE, MODELS[:1])
+    with pytest.raises(MergeError, match="slerp takes at most 2 models"):
+        mergejax.slerp(BASE, MODELS, t=0.5)
+    with pytest.raises(MergeError, match="model_stock needs at least 2 models"):
+        mergejax.model_stock(BASE, MODELS[:1])
+    with pytest.raises(MergeError, match="scope must be 'global' or 'tensor'"):
+        mergejax.metagpt(BASE, MODELS, scope="layer")
+    with pytest.raises(MergeError, match="must be a Python value"):
+        mergejax.metagpt(BASE, MODELS, scope=jnp.array(1.0))
+
+
+def test_bf16_in_bf16_out_computed_in_float32():
+    base = {"w": jnp.full((8,), 256.0, jnp.bfloat16)}
+    models = [{"w": jnp.full((8,), 256.0 + d, jnp.bfloat16)} for d in (2.0, 2.0, -2.0, 0.0)]
+    out = mergejax.task_arithmetic(base, models, scale=1.0)
+    assert out["w"].dtype == jnp.bfloat16
+    # In float32: 256 + 2 + 2 - 2 + 0 = 258 (exact in bf16). A bf16 running sum would
+    # round 256 + 2 to 256 at every step (bf16 spacing at 256 is 2, ties to even).
+    assert float(out["w"][0]) == 258.0
+    as_f32 = mergejax.task_arithmetic(base, models, out_dtype=jnp.float32)
+    assert as_f32["w"].dtype == jnp.float32
+
+
+def test_non_float_leaves_are_copied_from_the_base():
+    key_leaf = jax.random.key(3)
+    base = {**BASE, "rng": key_leaf}
+    models = [{**m, "rng": jax.random.key(9)} for m in MODELS]
+    out = mergejax.task_arithmetic(base, models, scale=0.5)
+    assert int(out["step"]) == 0 and out["step"].dtype == jnp.int32
+    np.testing.assert_array_equal(out["mask"], BASE["mask"])
+    np.testing.assert_array_equal(jax.random.key_data(out["rng"]), jax.random.key_data(key_leaf))
+    soup = mergejax.linear(None, MODELS)  # no base: from the first model
+    assert int(soup["step"]) == 1
+
+
+def test_coefficient_sweep_compiles_once():
+    mergejax.task_arithmetic(BASE, MODELS, scale=0.1)
+    size = method_lib._run_kernels._cache_size()  # pylint: disable=protected-access
+    for scale in (0.2, 0.5, 1, 3.0):
+        mergejax.task_arithmetic(BASE, MODELS, scale=scale)
+    mergejax.task_arithmetic(BASE, MODELS, scale=0.3, weights=[0.1, -2.0, 4])
+    mergejax.task_arithmetic(BASE, MODELS, scale=0.3, weights=jnp.array([1.0, 2.0, 3.0]))
+    assert method_lib._run_kernels._cache_size() == size  # pylint: disable=protected-access
+    mergejax.task_arithmetic(BASE, MODELS, normalize=True)  # static: a new program
+    assert method_lib._run_kernels._cache_size() == size + 1  # pylint: disable=protected-access
+
+
+def test_merge_inside_user_jit_and_vmap():
+    eager = mergejax.task_arithmetic(BASE, MODELS, scale=0.4)
+    jitted = jax.jit(lambda s: mergejax.task_arithmetic(BASE, MODELS, scale=s))(0.4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), eager, jitted)
+    swept = jax.vmap(lambda s: mergejax.task_arithmetic(BASE, MODELS, scale=s)["dense"]["bias"]
+                     )(jnp.array([0.0, 0.4]))
+    np.testing.assert_allclose(swept[0], BASE["dense"]["bias"], rtol=1e-6)
+    np.testing.assert_allclose(swept[1], eager["dense"]["bias"], rtol=1e-6)
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def _central_difference(f, x, h=1e-6):
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        grad[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("name,coefficients", [
+    ("task_arithmetic", {"weights": [0.3, -0.2, 0.9], "scale": 0.7}),
+    ("linear", {"weights": [0.3, 0.5, 0.9]}),
+    ("slerp", {"t": 0.35}),
+    ("multislerp", {"weights": [0.2, 0.5, 0.3]}),
+])
+def test_gradient_wrt_coefficients_matches_finite_differences(x64, name, coefficients):
+    del x64
+    base = jax.tree.map(lambda x: x.astype(jnp.float64) if mergejax.is_float(x) else x, BASE)
+    models = [jax.tree.map(lambda x: x.astype(jnp.float64) if mergejax.is_float(x) else x, m)
+              for m in MODELS]
+    if name == "slerp":
+        models = models[:2]
+    target = jax.tree.map(lambda x: jnp.cos(x) if mergejax.is_float(x) else x, models[0])
+
+    def loss(**coeffs):
+        merged = mergejax.merge(name, base, models, **coeffs)
+        return sum(jnp.sum((merged[k][n] - target[k][n]) ** 2 * (1 + jnp.arange(merged[k][n].size
+                                                                                ).reshape(merged[k][n].shape)))
+                   for k in ("dense", "norm") for n in merged[k])
+
+    for arg, value in coefficients.items():
+        others = {k: v for k, v in coefficients.items() if k != arg}
+        grad = jax.grad(lambda v: loss(**others, **{arg: v}))(jnp.asarray(value, jnp.float64))
+        numeric = _central_difference(lambda v: float(loss(**others, **{arg: v})), value)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+        assert np.all(np.abs(numeric) > 1e-6)  # the check is not vacuous
+
+
+def test_leaf_key_depends_on_key_and_path_only():
+    k = jax.random.key(0)
+    a = jax.random.key_data(mergejax.leaf_key(k, "layers/0/kernel"))
+    np.testing.assert_array_equal(a, jax.random.key_data(mergejax.leaf_key(k, "layers/0/kernel")))
+    assert not np.array_equal(a, jax.random.key_data(mergejax.leaf_key(k, "layers/1/kernel")))
+    assert not np.array_equal(
+        a, jax.random.key_data(mergejax.leaf_key(jax.random.key(1), "layers/0/kernel")))
+
+
+@mergejax.leafwise("test_noise", family="test", paper="-", coefficients=("scale",),
+                   uses_key=True, register=False)
+def _noise(ctx, base, models, *, scale=1.0):
+    return base + scale * jax.random.normal(ctx.key, base.shape, base.dtype) + 0 * models[0]
+
+
+def test_random_method_keys_per_leaf_so_subtrees_merge_identically():
+    with pytest.raises(MergeError, match="test_noise is random: pass key="):
+        _noise(BASE, MODELS)
+    key = jax.random.key(42)
+    whole = _noise(BASE, MODELS, key=key)
+    part = _noise({"dense": BASE["dense"]}, [{"dense": m["dense"]} for m in MODELS], key=key)
+    np.testing.assert_array_equal(whole["dense"]["kernel"], part["dense"]["kernel"])
+    other = _noise(BASE, MODELS, key=jax.random.key(43))
+    assert not np.allclose(whole["dense"]["kernel"], other["dense"]["kernel"])
+    assert "test_noise" not in mergejax.list_methods()

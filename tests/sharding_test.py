@@ -1,0 +1,59 @@
+"""Merges of sharded arrays keep the inputs' sharding and values (8 simulated CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import mergejax
+
+CASES = [
+    ("linear", None, 3, {"weights": [0.2, 0.3, 0.5]}),
+    ("task_arithmetic", "base", 3, {"scale": 0.4}),
+    ("slerp", "base", 1, {"t": 0.3}),
+    ("slerp", "base", 2, {"t": 0.7}),
+    ("nearswap", "base", 1, {"t": 0.05}),
+    ("multislerp", "base", 3, {}),
+    ("karcher", None, 3, {}),
+    ("model_stock", "base", 3, {}),
+    ("metagpt", "base", 3, {}),
+]
+
+
+def _params(seed):
+    rng = np.random.default_rng(seed)
+    return {"attn": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
+            "mlp": {"kernel": jnp.asarray(rng.normal(size=(8, 32)), jnp.bfloat16),
+                    "bias": jnp.asarray(rng.normal(size=(32,)), jnp.float32)},
+            "step": jnp.array(3, jnp.int32)}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 8:
+        pytest.fail("the sharding tests need 8 devices; tests/conftest.py sets XLA_FLAGS")
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+
+def _shard(tree, mesh):
+    specs = {"attn": {"kernel": P("data", "model")},
+             "mlp": {"kernel": P(None, ("data", "model")), "bias": P("model")},
+             "step": P()}
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+
+@pytest.mark.parametrize("name,base_arg,k,hparams", CASES)
+def test_sharded_inputs_give_same_sharding_and_values(mesh, name, base_arg, k, hparams):
+    base, models = _params(0), [_params(i) for i in range(1, k + 1)]
+    expected = mergejax.merge(name, base if base_arg else None, models, **hparams)
+    sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]
+    got = mergejax.merge(name, sbase if base_arg else None, smodels, **hparams)
+    reference = sbase if base_arg else smodels[0]
+    for path, g, e, r in zip(mergejax.leaf_paths(got), jax.tree.leaves(got),
+                             jax.tree.leaves(expected), jax.tree.leaves(reference)):
+        assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
+        assert g.dtype == e.dtype, path
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
+                                   rtol=2e-6, atol=2e-6, err_msg=path)
