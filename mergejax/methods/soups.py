@@ -37,8 +37,9 @@ def greedy_soup_search(models: Sequence[PyTree], evaluate: Callable[[PyTree], An
     Scores every model with ``evaluate(params) -> float`` (higher is better, e.g.
     held-out accuracy), then walks them from best to worst, adding a model to the uniform
     soup when that strictly raises the soup's score (the official code's ``>``; the
-    paper's box writes ``>=``). The soup starts as the best single model. Every candidate
-    is a `linear` merge of all models with 0/1 weights, so the search compiles once.
+    paper's box writes ``>=``). The soup starts as the best single model; equal scores keep
+    the models' order. Every candidate is a `linear` merge of all models with 0/1 weights,
+    so the search compiles once; non-floating leaves come from the best model.
 
     Example::
 
@@ -51,12 +52,13 @@ def greedy_soup_search(models: Sequence[PyTree], evaluate: Callable[[PyTree], An
     if not callable(evaluate):
         raise MergeError("greedy_soup needs evaluate: a function params -> score")
     scores = [float(evaluate(m)) for m in models]
-    order = [int(i) for i in np.argsort(scores, kind="stable")[::-1]]
+    order = sorted(range(len(models)), key=lambda i: scores[i], reverse=True)  # stable
+    ranked = [models[i] for i in order]  # the best first: non-float leaves come from it
 
     def soup_of(indices: list[int]) -> PyTree:
         mask = np.zeros(len(models), np.float32)
-        mask[indices] = 1.0
-        return linear(None, models, weights=jnp.asarray(mask))
+        mask[[order.index(i) for i in indices]] = 1.0
+        return linear(None, ranked, weights=jnp.asarray(mask))
 
     kept = [order[0]]
     soup, best = models[order[0]], scores[order[0]]
