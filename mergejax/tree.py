@@ -83,9 +83,14 @@ def check_compatible(reference: PyTree, others: Sequence[PyTree], *,
     Compares tree structure (reporting the missing and unexpected leaf paths), then each
     leaf's shape and, with ``check_dtypes``, its dtype, naming the first offending path.
     """
-    ref_paths, ref_leaves, ref_def = flatten_with_paths(reference)
+    ref_leaves, ref_def = jax.tree.flatten(reference)
+    ref_sig = [_signature(x, check_dtypes) for x in ref_leaves]
     for i, other in enumerate(others):
+        leaves, treedef = jax.tree.flatten(other)
+        if treedef == ref_def and [_signature(x, check_dtypes) for x in leaves] == ref_sig:
+            continue  # the fast path; paths are built only to name what is wrong
         name = f"{other_name}[{i}]"
+        ref_paths = leaf_paths(reference)
         paths, leaves, treedef = flatten_with_paths(other)
         if treedef != ref_def:
             missing = [p for p in ref_paths if p not in set(paths)]
@@ -109,6 +114,12 @@ def check_compatible(reference: PyTree, others: Sequence[PyTree], *,
                 raise MergeError(
                     f"dtype mismatch at '{path}': {reference_name} has {_describe(a)}, "
                     f"{name} has {_describe(b)}")
+
+
+def _signature(x: Any, with_dtype: bool) -> tuple:
+    dtype = getattr(x, "dtype", None)
+    return (np.shape(x), (dtype if dtype is not None else jnp.result_type(x)) if with_dtype
+            else None)
 
 
 def _preview(paths: list[str], n: int = 5) -> str:
