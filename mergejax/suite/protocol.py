@@ -1,0 +1,310 @@
+"""The suite's protocol: pretrain a backbone, fit frozen heads, fine-tune one expert per task.
+
+The field's protocol for CLIP ViT-B/32 on eight tasks, reproduced at laptop scale:
+
+1. **Pretrain** the backbone on a pool of images disjoint from every task split, with a
+   self-supervised rotation-prediction objective (which of 0/90/180/270 degrees an image was
+   turned by; Gidaris et al. 2018). It learns generic stroke and shape features but no task's
+   labels, as CLIP's pretraining knows no task's head.
+2. **Heads**: for each task, fit a linear head (one class vector per class, CLIP-style
+   cosine logits) on the pretrained embeddings of its train split, then freeze it.
+3. **Experts**: fine-tune the whole backbone per task with that task's head frozen.
+
+Everything is saved with orbax under ``cache_dir/<hash of the configuration>`` and reused
+when present; an entry whose contents do not match their recorded checksum is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mergejax.suite import datasets
+from mergejax.suite import model as model_lib
+from mergejax.suite import tasks as tasks_lib
+
+__all__ = ["ProtocolConfig", "Suite", "build_suite", "accuracy"]
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """Everything that determines the suite's checkpoints (and so its cache key).
+
+    ``dataset="merge_suite"`` uses the embedded tasks and pretrains the backbone here; any
+    other value is the full-size configuration: ``tfds_names`` maps each task to a TFDS
+    name prepared locally, ``tfds_splits`` maps the suite's splits to TFDS split strings
+    (e.g. ``("validation", "train[90%:]")``; unmapped splits keep their names), and
+    ``pretrained_checkpoint`` is an orbax checkpoint of the backbone (e.g. CLIP
+    ViT-B/32's vision tower converted to this model's layout).
+    """
+
+    tasks: tuple[str, ...] = tuple(tasks_lib.TASKS)
+    seed: int = 0
+    vit: model_lib.ViTConfig = model_lib.ViTConfig()
+    batch_size: int = 64
+    pretrain_steps: int = 600
+    pretrain_lr: float = 1e-3
+    head_steps: int = 300
+    head_lr: float = 0.05
+    finetune_steps: int = 200
+    finetune_lr: float = 5e-4
+    dataset: str = "merge_suite"
+    tfds_names: tuple[tuple[str, str], ...] = ()
+    tfds_splits: tuple[tuple[str, str], ...] = ()
+    pretrained_checkpoint: str = ""
+    max_train_examples: int = 0
+
+    def key(self) -> str:
+        """A short hash of the configuration: the cache directory's name."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Suite:
+    """A built suite: the backbone, its experts, frozen heads and every task's data."""
+
+    config: ProtocolConfig
+    model: model_lib.VisionTransformer
+    pretrained: PyTree
+    experts: list[PyTree]
+    heads: dict[str, jax.Array]
+    data: dict[str, dict[str, datasets.TaskData]]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.config.tasks
+
+    def accuracy(self, params: PyTree, task: str, split: str = "test") -> float:
+        """Accuracy of backbone ``params`` with ``task``'s frozen head on a split."""
+        d = self.data[task][split]
+        return accuracy(self.model, params, self.heads[task], d.images, d.labels)
+
+    def accuracies(self, params: PyTree | Sequence[PyTree], split: str = "test"
+                   ) -> dict[str, float]:
+        """Per-task accuracy of one backbone, or of one backbone per task (in task order)."""
+        per_task = params if isinstance(params, (list, tuple)) else [params] * len(self.tasks)
+        return {t: self.accuracy(p, t, split) for t, p in zip(self.tasks, per_task)}
+
+
+@jax.jit
+def _count_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+
+
+def accuracy(model: model_lib.VisionTransformer, params: PyTree, head: jax.Array,
+             images: np.ndarray, labels: np.ndarray, batch_size: int = 1024) -> float:
+    """Fraction of ``images`` whose arg-max class under ``head`` equals ``labels``."""
+    apply = _jitted_classify(model)
+    correct = 0
+    for lo in range(0, len(labels), batch_size):
+        logits = apply(params, head, images[lo:lo + batch_size])
+        correct += int(_count_correct(logits, labels[lo:lo + batch_size]))
+    return correct / len(labels)
+
+
+_CLASSIFIERS: dict[Any, Callable] = {}
+
+
+def _jitted_classify(model: model_lib.VisionTransformer) -> Callable:
+    if model not in _CLASSIFIERS:
+        _CLASSIFIERS[model] = jax.jit(
+            lambda p, h, x: model_lib.classify(model, p, h, x))
+    return _CLASSIFIERS[model]
+
+
+def _train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, sample: Callable,
+           steps: int, lr: float, what: str, weight_decay: float = 0.0) -> PyTree:
+    """Adam(W) with a cosine schedule on ``loss_fn(params, batch)``; logs progress."""
+    schedule = optax.cosine_decay_schedule(lr, max(steps, 1))
+    opt = optax.adamw(schedule, weight_decay=weight_decay)
+
+    @jax.jit
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = opt.init(params)
+    for i in range(steps):
+        params, state, loss = step(params, state, sample(i))
+        if (i + 1) % max(steps // 4, 1) == 0 or i + 1 == steps:
+            logging.info("%s: step %d/%d, loss %.4f", what, i + 1, steps, float(loss))
+    return params
+
+
+def _sampler(rng: np.random.Generator, n: int, batch_size: int) -> Callable[[int], np.ndarray]:
+    return lambda _: rng.integers(0, n, size=min(batch_size, n))
+
+
+def _pretrain(model, cfg: ProtocolConfig, pool: np.ndarray) -> PyTree:
+    rng = np.random.default_rng(cfg.seed)
+    params = model.init(jax.random.key(cfg.seed), pool[:1])["params"]
+    rotation_head = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.vit.embed_dim, 4))
+    draw = _sampler(rng, len(pool), cfg.batch_size)
+
+    def sample(i):
+        idx = draw(i)
+        k = rng.integers(0, 4, size=len(idx))
+        images = np.stack([np.rot90(pool[j], r, axes=(-2, -1)) for j, r in zip(idx, k)])
+        return images, k
+
+    def loss_fn(p, batch):
+        params, head = p
+        images, k = batch
+        lg = model_lib.logits(model.apply({"params": params}, images), head)
+        return optax.softmax_cross_entropy_with_integer_labels(lg, k).mean()
+
+    params, _ = _train(loss_fn, (params, rotation_head), sample, cfg.pretrain_steps,
+                       cfg.pretrain_lr, "pretrain (rotation prediction)", weight_decay=0.01)
+    return params
+
+
+def _pretrained(model, cfg: ProtocolConfig) -> PyTree:
+    """A converted checkpoint when configured (the full-size path), else pretrain here."""
+    if cfg.pretrained_checkpoint:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.abspath(cfg.pretrained_checkpoint))
+    if cfg.dataset != "merge_suite":
+        raise ValueError("a dataset other than the embedded suite needs "
+                         "pretrained_checkpoint (e.g. CLIP ViT-B/32 converted to orbax)")
+    return _pretrain(model, cfg, tasks_lib.pretraining_pool())
+
+
+def _fit_head(model, cfg: ProtocolConfig, params: PyTree, train: datasets.TaskData,
+              seed: int) -> jax.Array:
+    embeddings = jax.jit(lambda x: model.apply({"params": params}, x))(train.images)
+    head = 0.01 * jax.random.normal(jax.random.key(seed), (cfg.vit.embed_dim,
+                                                           train.num_classes))
+
+    def loss_fn(h, _):
+        lg = model_lib.logits(embeddings, h)
+        return optax.softmax_cross_entropy_with_integer_labels(lg, train.labels).mean()
+
+    return _train(loss_fn, head, lambda i: None, cfg.head_steps, cfg.head_lr, "head")
+
+
+def _finetune(model, cfg: ProtocolConfig, params: PyTree, head: jax.Array,
+              train: datasets.TaskData, seed: int, task: str) -> PyTree:
+    rng = np.random.default_rng(seed)
+    draw = _sampler(rng, len(train.labels), cfg.batch_size)
+
+    def sample(i):
+        idx = draw(i)
+        return train.images[idx], train.labels[idx]
+
+    def loss_fn(p, batch):
+        images, labels = batch
+        lg = model_lib.classify(model, p, head, images)
+        return optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
+
+    return _train(loss_fn, params, sample, cfg.finetune_steps, cfg.finetune_lr,
+                  f"fine-tune {task}", weight_decay=0.01)
+
+
+def load_data(cfg: ProtocolConfig, data_dir: str) -> dict[str, dict[str, datasets.TaskData]]:
+    """Every task's splits, from the embedded suite (built on first use) or from TFDS."""
+    if cfg.dataset == "merge_suite":
+        datasets.prepare(data_dir, list(cfg.tasks))
+        names = {t: t for t in cfg.tasks}
+    else:
+        names = dict(cfg.tfds_names)
+        missing = [t for t in cfg.tasks if t not in names]
+        if missing:
+            raise ValueError(f"tfds_names has no TFDS name for tasks {missing}")
+    splits = dict(cfg.tfds_splits)
+    data = {}
+    for task in cfg.tasks:
+        data[task] = {}
+        for split in tasks_lib.SPLITS:
+            d = datasets.load_task(task, splits.get(split, split), data_dir,
+                                   dataset=cfg.dataset if cfg.dataset == "merge_suite"
+                                   else names[task])
+            if split == "train" and cfg.max_train_examples:
+                d = datasets.TaskData(d.images[:cfg.max_train_examples],
+                                      d.labels[:cfg.max_train_examples], d.num_classes)
+            data[task][split] = d
+    return data
+
+
+def _checksum(tree: PyTree) -> str:
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def _restore(entry: str) -> PyTree | None:
+    """The cached checkpoint in ``entry``, or None when absent or corrupt (then removed)."""
+    meta_path = os.path.join(entry, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(os.path.join(entry, "state"))
+        if _checksum(state) != meta["checksum"]:
+            raise ValueError("checksum mismatch")
+        return state
+    except Exception as e:  # any failure means the entry cannot be trusted
+        logging.warning("cache entry %s is corrupt (%s); rebuilding it", entry, e)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _save(entry: str, state: PyTree, cfg: ProtocolConfig) -> None:
+    """Writes ``state`` to ``entry`` atomically: a temp directory renamed when complete."""
+    tmp = entry + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, "state"), state)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"checksum": _checksum(state), "config": dataclasses.asdict(cfg)}, f,
+                  indent=1, default=str)
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)
+
+
+def build_suite(cfg: ProtocolConfig, cache_dir: str, data_dir: str | None = None) -> Suite:
+    """Loads the suite's checkpoints from ``cache_dir``, or trains and caches them.
+
+    ``data_dir`` (default ``cache_dir/data``) holds the TFDS datasets.
+    """
+    unknown = [t for t in cfg.tasks if cfg.dataset == "merge_suite" and t not in tasks_lib.TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; the embedded suite has "
+                         f"{list(tasks_lib.TASKS)}")
+    data = load_data(cfg, data_dir or os.path.join(cache_dir, "data"))
+    model = model_lib.VisionTransformer(cfg.vit)
+    entry = os.path.join(cache_dir, f"suite-{cfg.key()}")
+    state = _restore(entry)
+    if state is None:
+        logging.info("building the suite into %s", entry)
+        pretrained = _pretrained(model, cfg)
+        heads, experts = {}, {}
+        for i, task in enumerate(cfg.tasks):
+            heads[task] = _fit_head(model, cfg, pretrained, data[task]["train"], cfg.seed + i)
+            experts[task] = _finetune(model, cfg, pretrained, heads[task], data[task]["train"],
+                                      cfg.seed + 100 + i, task)
+        state = {"pretrained": pretrained, "heads": heads, "experts": experts}
+        _save(entry, jax.device_get(state), cfg)
+    else:
+        logging.info("loaded the suite from %s", entry)
+    return Suite(cfg, model, state["pretrained"], [state["experts"][t] for t in cfg.tasks],
+                 dict(state["heads"]), data)
