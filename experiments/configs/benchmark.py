@@ -23,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.cache_dir = "cache/suite"
     config.out_dir = "results/benchmark"
-    config.methods = ["all"]  # registered names, or "all"
+    config.methods = ("all",)  # registered names, or "all"
     config.method_hparams = ml_collections.ConfigDict(PAPER_HPARAMS)
     # Optional search on the validation split (never on test): hyperparameter -> values.
     config.search = ml_collections.ConfigDict({"scale": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]})

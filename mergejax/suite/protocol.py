@@ -17,6 +17,7 @@ when present; an entry whose contents do not match their recorded checksum is re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -117,28 +118,39 @@ def accuracy(model: model_lib.VisionTransformer, params: PyTree, head: jax.Array
     return correct / len(labels)
 
 
-_CLASSIFIERS: dict[Any, Callable] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _jitted_classify(model: model_lib.VisionTransformer) -> Callable:
-    if model not in _CLASSIFIERS:
-        _CLASSIFIERS[model] = jax.jit(
-            lambda p, h, x: model_lib.classify(model, p, h, x))
-    return _CLASSIFIERS[model]
+    return jax.jit(lambda p, h, x: model_lib.classify(model, p, h, x))
 
 
-def _train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, sample: Callable,
-           steps: int, lr: float, what: str, weight_decay: float = 0.0) -> PyTree:
-    """Adam(W) with a cosine schedule on ``loss_fn(params, batch)``; logs progress."""
-    schedule = optax.cosine_decay_schedule(lr, max(steps, 1))
-    opt = optax.adamw(schedule, weight_decay=weight_decay)
+@functools.lru_cache(maxsize=None)
+def _jitted_embed(model: model_lib.VisionTransformer) -> Callable:
+    return jax.jit(lambda p, x: model.apply({"params": p}, x))
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer(loss_fn: Callable, vit: model_lib.ViTConfig, steps: int, lr: float,
+             weight_decay: float):
+    """AdamW with a cosine schedule and a jitted step on ``loss_fn(model, params, batch)``.
+
+    Cached, so the eight fine-tunes (and tasks with equal head shapes) compile once.
+    """
+    model = model_lib.VisionTransformer(vit)
+    opt = optax.adamw(optax.cosine_decay_schedule(lr, max(steps, 1)), weight_decay=weight_decay)
 
     @jax.jit
     def step(params, state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch))(params)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
+    return opt, step
+
+
+def _train(loss_fn: Callable, cfg: ProtocolConfig, params: PyTree, sample: Callable,
+           steps: int, lr: float, what: str, weight_decay: float = 0.0) -> PyTree:
+    """Runs ``steps`` steps of `_trainer` on batches ``sample(i)``; logs progress."""
+    opt, step = _trainer(loss_fn, cfg.vit, steps, lr, weight_decay)
     state = opt.init(params)
     for i in range(steps):
         params, state, loss = step(params, state, sample(i))
@@ -147,8 +159,30 @@ def _train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, sample: 
     return params
 
 
-def _sampler(rng: np.random.Generator, n: int, batch_size: int) -> Callable[[int], np.ndarray]:
-    return lambda _: rng.integers(0, n, size=min(batch_size, n))
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _rotation_loss(model, params, batch):
+    backbone, head = params
+    images, rotations = batch
+    return _cross_entropy(model_lib.logits(model.apply({"params": backbone}, images), head),
+                          rotations)
+
+
+def _head_loss(model, head, batch):
+    del model
+    embeddings, labels = batch
+    return _cross_entropy(model_lib.logits(embeddings, head), labels)
+
+
+def _finetune_loss(model, params, batch):
+    images, labels, head = batch
+    return _cross_entropy(model_lib.classify(model, params, head, images), labels)
+
+
+def _sampler(rng: np.random.Generator, n: int, batch_size: int) -> Callable[[], np.ndarray]:
+    return lambda: rng.integers(0, n, size=min(batch_size, n))
 
 
 def _pretrain(model, cfg: ProtocolConfig, pool: np.ndarray) -> PyTree:
@@ -157,20 +191,15 @@ def _pretrain(model, cfg: ProtocolConfig, pool: np.ndarray) -> PyTree:
     rotation_head = jax.random.normal(jax.random.key(cfg.seed + 1), (cfg.vit.embed_dim, 4))
     draw = _sampler(rng, len(pool), cfg.batch_size)
 
-    def sample(i):
-        idx = draw(i)
+    def sample(_):
+        idx = draw()
         k = rng.integers(0, 4, size=len(idx))
         images = np.stack([np.rot90(pool[j], r, axes=(-2, -1)) for j, r in zip(idx, k)])
         return images, k
 
-    def loss_fn(p, batch):
-        params, head = p
-        images, k = batch
-        lg = model_lib.logits(model.apply({"params": params}, images), head)
-        return optax.softmax_cross_entropy_with_integer_labels(lg, k).mean()
-
-    params, _ = _train(loss_fn, (params, rotation_head), sample, cfg.pretrain_steps,
-                       cfg.pretrain_lr, "pretrain (rotation prediction)", weight_decay=0.01)
+    params, _ = _train(_rotation_loss, cfg, (params, rotation_head), sample,
+                       cfg.pretrain_steps, cfg.pretrain_lr, "pretrain (rotation prediction)",
+                       weight_decay=0.01)
     return params
 
 
@@ -179,40 +208,28 @@ def _pretrained(model, cfg: ProtocolConfig) -> PyTree:
     if cfg.pretrained_checkpoint:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(os.path.abspath(cfg.pretrained_checkpoint))
-    if cfg.dataset != "merge_suite":
-        raise ValueError("a dataset other than the embedded suite needs "
-                         "pretrained_checkpoint (e.g. CLIP ViT-B/32 converted to orbax)")
     return _pretrain(model, cfg, tasks_lib.pretraining_pool())
 
 
 def _fit_head(model, cfg: ProtocolConfig, params: PyTree, train: datasets.TaskData,
               seed: int) -> jax.Array:
-    embeddings = jax.jit(lambda x: model.apply({"params": params}, x))(train.images)
+    embeddings = _jitted_embed(model)(params, train.images)
     head = 0.01 * jax.random.normal(jax.random.key(seed), (cfg.vit.embed_dim,
                                                            train.num_classes))
-
-    def loss_fn(h, _):
-        lg = model_lib.logits(embeddings, h)
-        return optax.softmax_cross_entropy_with_integer_labels(lg, train.labels).mean()
-
-    return _train(loss_fn, head, lambda i: None, cfg.head_steps, cfg.head_lr, "head")
+    batch = (embeddings, jnp.asarray(train.labels))
+    return _train(_head_loss, cfg, head, lambda _: batch, cfg.head_steps, cfg.head_lr, "head")
 
 
-def _finetune(model, cfg: ProtocolConfig, params: PyTree, head: jax.Array,
+def _finetune(cfg: ProtocolConfig, params: PyTree, head: jax.Array,
               train: datasets.TaskData, seed: int, task: str) -> PyTree:
     rng = np.random.default_rng(seed)
     draw = _sampler(rng, len(train.labels), cfg.batch_size)
 
-    def sample(i):
-        idx = draw(i)
-        return train.images[idx], train.labels[idx]
+    def sample(_):
+        idx = draw()
+        return train.images[idx], train.labels[idx], head
 
-    def loss_fn(p, batch):
-        images, labels = batch
-        lg = model_lib.classify(model, p, head, images)
-        return optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
-
-    return _train(loss_fn, params, sample, cfg.finetune_steps, cfg.finetune_lr,
+    return _train(_finetune_loss, cfg, params, sample, cfg.finetune_steps, cfg.finetune_lr,
                   f"fine-tune {task}", weight_decay=0.01)
 
 
@@ -286,10 +303,14 @@ def build_suite(cfg: ProtocolConfig, cache_dir: str, data_dir: str | None = None
 
     ``data_dir`` (default ``cache_dir/data``) holds the TFDS datasets.
     """
-    unknown = [t for t in cfg.tasks if cfg.dataset == "merge_suite" and t not in tasks_lib.TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; the embedded suite has "
-                         f"{list(tasks_lib.TASKS)}")
+    if cfg.dataset == "merge_suite":
+        unknown = [t for t in cfg.tasks if t not in tasks_lib.TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the embedded suite has "
+                             f"{list(tasks_lib.TASKS)}")
+    elif not cfg.pretrained_checkpoint:
+        raise ValueError("a dataset other than the embedded suite needs "
+                         "pretrained_checkpoint (e.g. CLIP ViT-B/32 converted to orbax)")
     data = load_data(cfg, data_dir or os.path.join(cache_dir, "data"))
     model = model_lib.VisionTransformer(cfg.vit)
     entry = os.path.join(cache_dir, f"suite-{cfg.key()}")
@@ -300,7 +321,7 @@ def build_suite(cfg: ProtocolConfig, cache_dir: str, data_dir: str | None = None
         heads, experts = {}, {}
         for i, task in enumerate(cfg.tasks):
             heads[task] = _fit_head(model, cfg, pretrained, data[task]["train"], cfg.seed + i)
-            experts[task] = _finetune(model, cfg, pretrained, heads[task], data[task]["train"],
+            experts[task] = _finetune(cfg, pretrained, heads[task], data[task]["train"],
                                       cfg.seed + 100 + i, task)
         state = {"pretrained": pretrained, "heads": heads, "experts": experts}
         _save(entry, jax.device_get(state), cfg)

@@ -107,11 +107,17 @@ def _load_animals() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def load_source(source: str) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8, N x 28 x 28) and labels of a source, shuffled with a fixed seed."""
+    """All distinct images (uint8, N x 28 x 28) and labels of a source, shuffled with a
+    fixed seed."""
     loaders = {"digits": _load_digits, "animals": _load_animals}
     if source not in loaders:
         raise ValueError(f"unknown source {source!r}; known: {sorted(loaders)}")
     images, labels = loaders[source]()
+    # animal-mnist holds 284 exact duplicate images; keep the first of each so that no
+    # image is in two splits.
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    images, labels = images[keep], labels[keep]
     order = np.random.default_rng(_SEED).permutation(len(labels))
     return images[order], labels[order]
 

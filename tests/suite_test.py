@@ -1,0 +1,172 @@
+"""Tests of the embedded benchmark suite: data, protocol, cache, evaluation, the binary."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mergejax.suite import benchmark as benchmark_lib
+from mergejax.suite import datasets
+from mergejax.suite import model as model_lib
+from mergejax.suite import protocol
+from mergejax.suite import tasks as tasks_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = protocol.ProtocolConfig(
+    tasks=("digits", "animals_coarse"), vit=model_lib.ViTConfig(width=16, depth=1, heads=2,
+                                                                embed_dim=16),
+    pretrain_steps=5, head_steps=5, finetune_steps=5, batch_size=16, max_train_examples=64)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    datasets.prepare(path, list(TINY.tasks))
+    return path
+
+
+def test_tasks_are_deterministic_and_splits_disjoint():
+    for name in tasks_lib.TASKS:
+        seen = []
+        for split in tasks_lib.SPLITS:
+            x, y = tasks_lib.task_arrays(name, split)
+            x2, y2 = tasks_lib.task_arrays(name, split)
+            np.testing.assert_array_equal(x, x2)
+            np.testing.assert_array_equal(y, y2)
+            assert x.dtype == np.uint8 and x.shape[1:] == (28, 28) and len(x) == len(y) > 50
+            assert 0 <= y.min() and y.max() < tasks_lib.TASKS[name].num_classes
+            seen.append({im.tobytes() for im in x})
+        assert not seen[0] & seen[2] and not seen[1] & seen[2], name
+    pool = {im.tobytes() for im in tasks_lib.pretraining_pool()}
+    for name in ("digits", "animals"):
+        x, _ = tasks_lib.task_arrays(name, "test")
+        assert not pool & {im.tobytes() for im in x}
+
+
+def test_tfds_data_source_serves_the_task_arrays(data_dir):
+    for name in TINY.tasks:
+        d = datasets.load_task(name, "validation", data_dir)
+        x, y = tasks_lib.task_arrays(name, "validation")
+        assert d.num_classes == tasks_lib.TASKS[name].num_classes
+        # TFDS stores examples in its own (deterministic) order: compare as multisets.
+        got = sorted(zip(map(bytes, d.images), d.labels.tolist()))
+        want = sorted(zip(map(bytes, x), y.tolist()))
+        assert got == want
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot read split 'test' of dataset "
+                                                r"'merge_suite/digits'.*nothing is downloaded"):
+        datasets.load_task("digits", "test", str(tmp_path))
+
+
+def test_full_size_path_reads_tfds_names_on_mock_data(tmp_path):
+    cfg = protocol.ProtocolConfig(
+        tasks=("eurosat", "resisc45"), dataset="tfds",
+        tfds_names=(("eurosat", "eurosat/rgb"), ("resisc45", "resisc45")),
+        tfds_splits=(("validation", "train"), ("test", "train")))
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = protocol.load_data(cfg, str(tmp_path))
+    assert data["eurosat"]["train"].images.shape == (6, 64, 64, 3)
+    assert data["resisc45"]["test"].num_classes == 45
+    with pytest.raises(ValueError, match="needs pretrained_checkpoint"):
+        protocol.build_suite(cfg, str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory, data_dir):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return protocol.build_suite(TINY, cache, data_dir), cache
+
+
+def _leaves(suite):
+    return jax.tree.leaves({"p": suite.pretrained, "e": suite.experts, "h": suite.heads})
+
+
+def test_same_seed_same_checkpoints_and_cache_reuse(tiny_suite, data_dir, tmp_path):
+    suite, cache = tiny_suite
+    again = protocol.build_suite(TINY, str(tmp_path), data_dir)  # trained afresh
+    for a, b in zip(_leaves(suite), _leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    reloaded = protocol.build_suite(TINY, cache, data_dir)  # from the cache
+    for a, b in zip(_leaves(suite), _leaves(reloaded)):
+        np.testing.assert_array_equal(a, b)
+    other = protocol.build_suite(dataclasses.replace(TINY, seed=1), str(tmp_path), data_dir)
+    assert not np.array_equal(_leaves(suite)[0], _leaves(other)[0])
+
+
+def test_corrupt_cache_entry_is_rebuilt_not_trusted(tiny_suite, data_dir, tmp_path):
+    suite, _ = tiny_suite
+    cache = str(tmp_path)
+    protocol.build_suite(TINY, cache, data_dir)
+    entry = os.path.join(cache, f"suite-{TINY.key()}")
+    meta = os.path.join(entry, "meta.json")
+    with open(meta) as f:
+        record = json.load(f)
+    record["checksum"] = "0" * 64  # what a torn or tampered entry looks like
+    with open(meta, "w") as f:
+        json.dump(record, f)
+    rebuilt = protocol.build_suite(TINY, cache, data_dir)
+    for a, b in zip(_leaves(suite), _leaves(rebuilt)):
+        np.testing.assert_array_equal(a, b)
+    with open(meta) as f:
+        assert json.load(f)["checksum"] != "0" * 64
+
+
+def test_accuracy_matches_an_independent_numpy_computation(tiny_suite):
+    suite, _ = tiny_suite
+    task = TINY.tasks[1]
+    d = suite.data[task]["test"]
+    embeddings = np.asarray(suite.model.apply({"params": suite.experts[1]}, d.images),
+                            np.float64)
+    head = np.asarray(suite.heads[task], np.float64)
+    cos = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)) @ (
+        head / np.linalg.norm(head, axis=0, keepdims=True))
+    expected = float(np.mean(np.argmax(cos, axis=1) == d.labels))
+    assert suite.accuracy(suite.experts[1], task) == pytest.approx(expected, abs=1e-9)
+    assert suite.accuracies(suite.experts)[task] == pytest.approx(expected, abs=1e-9)
+
+
+def test_run_method_rows(tiny_suite):
+    suite, _ = tiny_suite
+    row = benchmark_lib.run_method(suite, "task_arithmetic", search={"scale": [0.0, 1.0]})
+    assert row.hparams["scale"] in (0.0, 1.0) and 0.0 <= row.average <= 1.0
+    skipped = benchmark_lib.run_method(suite, "nearswap")
+    assert skipped.note == "skipped: takes at most 1 models"
+    pre = benchmark_lib.run_method(suite, "task_arithmetic", {"scale": 0.0})
+    assert pre.accuracy == suite.accuracies(suite.pretrained)
+
+
+def _run_binary(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark",
+         "--config=experiments/configs/benchmark.py:tiny",
+         f"--config.out_dir={tmp_path}/out", f"--config.cache_dir={tmp_path}/cache",
+         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_benchmark_binary_end_to_end(tmp_path):
+    result = _run_binary(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "task_arithmetic" in result.stdout and "pretrained" in result.stdout
+    for ext in ("csv", "json", "md", "png"):
+        assert os.path.getsize(f"{tmp_path}/out/results.{ext}") > 0
+    with open(f"{tmp_path}/out/results.json") as f:
+        rows = {r["method"]: r for r in json.load(f)["rows"]}
+    import mergejax  # pylint: disable=import-outside-toplevel
+    assert set(mergejax.list_methods()) <= set(rows)
+    assert 0.0 <= rows["linear"]["average"] <= 1.0
+
+
+def test_unknown_method_in_config_fails_before_training(tmp_path):
+    result = _run_binary(tmp_path, "--config.methods=('linear','tiez')")
+    assert result.returncode != 0
+    assert "unknown method(s) ['tiez']" in result.stderr
+    assert not os.path.exists(f"{tmp_path}/cache")
