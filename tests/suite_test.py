@@ -145,20 +145,24 @@ def test_run_method_rows(tiny_suite):
 
 
 def _run_binary(tmp_path, *overrides):
+    """The binary with the tiny config, run from ``tmp_path`` so that its default relative
+    cache and results directories land there."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run(
         [sys.executable, "-m", "experiments.benchmark",
-         "--config=experiments/configs/benchmark.py:tiny",
-         f"--config.out_dir={tmp_path}/out", f"--config.cache_dir={tmp_path}/cache",
-         *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900)
+         f"--config={ROOT}/experiments/configs/benchmark.py:tiny", *overrides],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_benchmark_binary_end_to_end(tmp_path):
     result = _run_binary(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "task_arithmetic" in result.stdout and "pretrained" in result.stdout
+    out = tmp_path / "results" / "benchmark"
     for ext in ("csv", "json", "md", "png"):
-        assert os.path.getsize(f"{tmp_path}/out/results.{ext}") > 0
-    with open(f"{tmp_path}/out/results.json") as f:
+        assert (out / f"results.{ext}").stat().st_size > 0
+    assert any((tmp_path / "cache" / "suite").glob("suite-*/meta.json"))
+    with open(out / "results.json") as f:
         rows = {r["method"]: r for r in json.load(f)["rows"]}
     import mergejax  # pylint: disable=import-outside-toplevel
     assert set(mergejax.list_methods()) <= set(rows)
@@ -169,4 +173,4 @@ def test_unknown_method_in_config_fails_before_training(tmp_path):
     result = _run_binary(tmp_path, "--config.methods=('linear','tiez')")
     assert result.returncode != 0
     assert "unknown method(s) ['tiez']" in result.stderr
-    assert not os.path.exists(f"{tmp_path}/cache")
+    assert not (tmp_path / "cache").exists()

@@ -89,6 +89,7 @@ def _plot(path: str, rows: Sequence[Row]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
+    rows = [r for r in rows if r.average == r.average]  # skipped methods have NaN
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     names = [r.method for r in rows][::-1]
     values = [100 * r.average for r in rows][::-1]

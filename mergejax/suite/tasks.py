@@ -12,6 +12,13 @@ is pretrained on (never a task's data), then per task train / validation / test.
 tasks differ in their inputs (rotation, inversion) or in their label functions (parity,
 coarse classes), so their task vectors genuinely conflict - the analogue of CLIP ViT-B/32's
 eight image tasks.
+
+The pool is labelled with *concepts*, the analogue of CLIP's captions: the 10 digit classes
+(concepts 0-9) and the 10 animal classes (concepts 10-19). Pretraining learns one vector per
+concept (`mergejax.suite.protocol`); a task's zero-shot head is built from the concept
+vectors of its classes (`task_concepts`: a relabelled class such as "even digit" or an
+animal pair is the set of its members' concepts), as CLIP's heads are built from class-name
+prompts.
 """
 
 from __future__ import annotations
@@ -26,14 +33,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["IMAGE_SIZE", "SPLITS", "TASKS", "TaskSpec", "load_source", "pretraining_pool",
-           "task_arrays"]
+__all__ = ["IMAGE_SIZE", "NUM_CONCEPTS", "SPLITS", "TASKS", "TaskSpec", "load_source",
+           "pretraining_labels", "pretraining_pool", "task_arrays", "task_concepts"]
 
 IMAGE_SIZE = 28
 SPLITS = ("train", "validation", "test")
 _SEED = 20260101
 #: Examples of each source reserved for pretraining (disjoint from every task split).
 _PRETRAIN = {"digits": 500, "animals": 4000}
+#: Each source's first concept id: its original label ``y`` is concept ``offset + y``.
+_CONCEPT_OFFSET = {"digits": 0, "animals": 10}
+#: Concepts of the pretraining pool: 10 digit classes, then 10 animal classes.
+NUM_CONCEPTS = 20
 #: Fractions of the remaining examples for train / validation / test.
 _FRACTIONS = (0.6, 0.1, 0.3)
 
@@ -146,3 +157,18 @@ def task_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def pretraining_pool() -> np.ndarray:
     """The images the backbone is pretrained on: each source's reserved examples."""
     return np.concatenate([load_source(s)[0][:n] for s, n in _PRETRAIN.items()])
+
+
+def pretraining_labels() -> np.ndarray:
+    """The concept id (0-19) of each `pretraining_pool` image: its source's offset + label."""
+    return np.concatenate([load_source(s)[1][:n] + _CONCEPT_OFFSET[s]
+                           for s, n in _PRETRAIN.items()]).astype(np.int32)
+
+
+def task_concepts(name: str) -> list[np.ndarray]:
+    """For each class of task ``name``, the concept ids whose labels its relabel maps there."""
+    spec = TASKS[name]
+    original = np.arange(10)  # both sources have 10 original classes
+    task_label = np.asarray(spec.relabel(original))
+    return [_CONCEPT_OFFSET[spec.source] + original[task_label == c]
+            for c in range(spec.num_classes)]
