@@ -74,10 +74,10 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _is_jax(value: Any) -> bool:
+def _holds_tracer(value: Any) -> bool:
     """Whether ``value`` is (or holds) a traced value; concrete arrays count as numbers."""
-    return isinstance(value, jax.core.Tracer) or (
-        isinstance(value, (list, tuple)) and any(_is_jax(v) for v in value))
+    return _is_tracer(value) or (
+        isinstance(value, (list, tuple)) and any(_holds_tracer(v) for v in value))
 
 
 def _checked_coefficient(value: Any, name: str, path: str, shape: tuple[int, ...]) -> Any:
@@ -86,7 +86,7 @@ def _checked_coefficient(value: Any, name: str, path: str, shape: tuple[int, ...
         raise MergeError(
             f"{name!r} at '{path}' is a list; give one number, or "
             "mergejax.LayerGradient([...]) for a value interpolated over depth")
-    if _is_jax(value):
+    if _holds_tracer(value):
         arr = jnp.stack(value) if isinstance(value, (list, tuple)) else jnp.asarray(value)
     else:
         try:
@@ -103,11 +103,12 @@ def _per_leaf_coefficients(name: str, values: list[Any], paths: list[str],
                            shape: tuple[int, ...]) -> list[Any]:
     """Per-leaf coefficient values as float arrays of ``shape``, one per leaf.
 
-    Python and NumPy numbers stay NumPy arrays (the compiled call transfers them; no
-    per-leaf device op on the host); a traced or device value is used as it is.
+    Concrete values (Python, NumPy or jax numbers) become NumPy arrays, which the compiled
+    call transfers with no per-leaf device op on the host, and which share one jit cache
+    entry whatever their origin; traced values are used as they are.
     """
     dtype = jnp.result_type(float)
-    if values and not any(_is_jax(v) for v in values):
+    if values and not any(_holds_tracer(v) for v in values):
         try:
             arr = np.asarray(values, dtype)
         except (TypeError, ValueError):
