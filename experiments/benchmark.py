@@ -17,7 +17,7 @@ import resource
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 import mergejax

@@ -51,7 +51,7 @@ from mergejax.suite import datasets
 from mergejax.suite import model as model_lib
 from mergejax.suite import tasks as tasks_lib
 
-__all__ = ["ProtocolConfig", "Suite", "build_suite", "accuracy"]
+__all__ = ["ProtocolConfig", "Suite", "accuracy", "build_suite", "load_data"]
 
 PyTree = Any
 
