@@ -32,9 +32,10 @@ def validation_score(suite: Suite) -> Callable[[Any], float]:
 
 def reference_rows(suite: Suite) -> list[Row]:
     """The pretrained backbone with every task's head, and each expert on its own task."""
-    experts = suite.accuracies(suite.experts)
+    experts = suite.expert_accuracies
     return [Row("pretrained", suite.accuracies(suite.pretrained)).finish(experts),
-            Row("experts (one per task)", experts, note=f"{len(suite.experts)} backbones").finish(experts)]
+            Row("experts (one per task)", dict(experts),
+                note=f"{len(suite.experts)} backbones").finish(experts)]
 
 
 def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
@@ -65,7 +66,6 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     hparams = dict(hparams or {})
     if "evaluate" in method.hparams and "evaluate" not in hparams:
         hparams["evaluate"] = validation_score(suite)
-    experts = suite.accuracies(suite.experts)
     reason = _skip_reason(method, len(suite.experts), hparams)
     if reason:
         nan = float("nan")
@@ -86,7 +86,8 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     multi = isinstance(merged, (list, tuple))
     shown = {k: v for k, v in hparams.items() if k != "evaluate"}
     return Row(name, suite.accuracies(list(merged) if multi else merged), seconds=seconds,
-               hparams=shown, note="one backbone per task" if multi else "").finish(experts)
+               hparams=shown, note="one backbone per task" if multi else "").finish(
+                   suite.expert_accuracies)
 
 
 def run_methods(suite: Suite, names: Sequence[str],

@@ -112,6 +112,11 @@ class Suite:
     def tasks(self) -> tuple[str, ...]:
         return self.config.tasks
 
+    @functools.cached_property
+    def expert_accuracies(self) -> dict[str, float]:
+        """Test accuracy of each expert on its own task (the normalisation of the table)."""
+        return self.accuracies(self.experts)
+
     def accuracy(self, params: PyTree, task: str, split: str = "test") -> float:
         """Accuracy of backbone ``params`` with ``task``'s frozen head on a split."""
         d = self.data[task][split]
