@@ -19,6 +19,18 @@ from mergejax.methods.basic import (
     slerp,
     task_arithmetic,
 )
+from mergejax.methods.sparse import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    darex,
+    della,
+    della_linear,
+    magmax,
+    sparse_merge,
+    ties,
+)
 from mergejax.methods.soups import GreedySoupResult, greedy_soup, greedy_soup_search
 from mergejax.registry import get_method, list_methods, merge, register
 from mergejax.rules import LayerGradient, PathRules, layer_index

@@ -294,12 +294,17 @@ def model_stock(ctx: LeafContext, base: Array, models: tuple[Array, ...]) -> Arr
     return t * average + (1.0 - t) * base
 
 
-def _check_scope(path: str, *, scope: str, **_) -> None:
-    if scope not in ("global", "tensor"):
-        raise MergeError(f"scope must be 'global' or 'tensor', got {scope!r} at '{path}'")
+def check_scope(paths: list[str], statics: list[dict]) -> None:
+    """`leafwise` validator: ``scope`` is "global" or "tensor" at every leaf."""
+    for path, static in zip(paths, statics):
+        if static["scope"] not in ("global", "tensor"):
+            raise MergeError(f"scope must be 'global' or 'tensor', got {static['scope']!r} "
+                             f"at '{path}'")
 
 
-def _squared_norms(base: Array, models: tuple[Array, ...], *, scope: str) -> Array | None:
+def _squared_norms(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
+                   scope: str) -> Array | None:
+    del ctx
     if scope != "global":
         return None
     return jnp.stack([jnp.sum(jnp.square(x - base)) for x in models])
@@ -307,7 +312,7 @@ def _squared_norms(base: Array, models: tuple[Array, ...], *, scope: str) -> Arr
 
 @leafwise("metagpt", family="basic",
           paper="Zhou et al. 2024, MetaGPT: model exclusive task arithmetic (arXiv 2406.11385)",
-          statistics=_squared_norms, validate=_check_scope)
+          statistics=(_squared_norms,), validate=check_scope)
 def metagpt(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
             scope: str = "global") -> Array:
     """Task arithmetic with closed-form per-task coefficients
@@ -322,7 +327,7 @@ def metagpt(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
         merged = mergejax.metagpt(base, [ft_a, ft_b, ft_c])
     """
     taus = tuple(x - base for x in models)
-    sq = ctx.stats if scope == "global" else jnp.stack([jnp.sum(t * t) for t in taus])
+    sq = ctx.stats[0] if scope == "global" else jnp.stack([jnp.sum(t * t) for t in taus])
     total = jnp.sum(sq)
     lam = sq / jnp.where(total > 0, total, 1.0)
     return base + weighted_sum(lam, taus)
