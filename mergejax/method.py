@@ -36,9 +36,15 @@ import numpy as np
 
 from mergejax import registry
 from mergejax import rules as rules_lib
-from mergejax.tree import MergeError, PyTree, check_compatible, flatten_with_paths, is_float
+from mergejax.tree import (
+    MergeError,
+    PyTree,
+    check_compatible,
+    flatten_with_paths,
+    is_float,
+)
 
-__all__ = ["LeafContext", "MergeMethod", "REQUIRED", "StatisticsPass", "leaf_key", "leafwise"]
+__all__ = ["REQUIRED", "LeafContext", "MergeMethod", "StatisticsPass", "leaf_key", "leafwise"]
 
 REQUIRED = inspect.Parameter.empty
 

@@ -16,6 +16,20 @@ from mergejax.suite.tasks import TASKS
 #: Each method's paper defaults where they differ from its function's defaults.
 PAPER_HPARAMS = {
     "task_arithmetic": {"scale": 0.3},  # Ilharco et al.; FusionBench's scaling_factor
+    "ties": {"density": 0.2, "scale": 1.0},  # Yadav et al.: top-20%, disjoint mean
+    "dare_linear": {"density": 0.1, "scale": 0.3},  # drop 90% (Yu et al.), then TA's 0.3
+    "dare_ties": {"density": 0.1, "scale": 0.3},
+    "darex": {"density": 0.01, "q": 0.02},  # DAREx-q: p = 0.99; q searched (config.search)
+    "della": {"density": 0.7, "epsilon": 0.15, "rank_axis": 0},  # Flax kernels: (in, out)
+    "della_linear": {"density": 0.7, "epsilon": 0.15, "rank_axis": 0, "scale": 0.3},
+    "breadcrumbs": {"density": 0.15, "gamma": 0.006, "scale": 0.2},  # paper's seed point
+    "breadcrumbs_ties": {"density": 0.15, "gamma": 0.006, "scale": 0.2},
+    "magmax": {"scale": 0.5},  # FusionBench / the official 8-task script
+    "consensus": {"min_agree": 2, "mask_lambda": 0.6, "scale": 0.3},
+    "tall_masks": {"mask_lambda": 0.6},  # FusionBench's tall_mask_lambda
+    "pcb": {"density": 0.05, "clip": 0.01, "scale": 1.2},  # the official vision script
+    "model_tailor": {"density": 0.1, "axis": 0, "scale": 0.3},
+    "localize_stitch": {"density": 0.1},
 }
 
 
@@ -26,7 +40,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.methods = ("all",)  # registered names, or "all"
     config.method_hparams = ml_collections.ConfigDict(PAPER_HPARAMS)
     # Optional search on the validation split (never on test): hyperparameter -> values.
-    config.search = ml_collections.ConfigDict({"scale": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]})
+    config.search = ml_collections.ConfigDict({"scale": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+                                               "q": [0.01, 0.02, 0.05, 0.1]})
     # Overrides of mergejax.suite.protocol.ProtocolConfig (all eight tasks by default).
     config.protocol = ml_collections.ConfigDict({"seed": 0})
     if arg == "tiny":

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +21,19 @@ import numpy as np
 from mergejax import registry
 from mergejax.method import LeafContext, leafwise
 from mergejax.methods import stages
-from mergejax.tree import MergeError, PyTree, check_compatible, flatten_with_paths, is_float
+from mergejax.tree import (
+    MergeError,
+    PyTree,
+    check_compatible,
+    flatten_with_paths,
+    is_float,
+)
 
 __all__ = [
     "ModulatedMerge",
     "emr",
-    "modulated_merge",
     "model_tailor",
+    "modulated_merge",
     "pcb",
     "sce",
     "stitch",
@@ -120,7 +125,7 @@ def modulated_merge(base: PyTree, models: Sequence[PyTree], name: str, leaf_fn,
     if base is None:
         raise MergeError(f"{name} needs a base (pretrained) model; got base=None")
     check_compatible(base, models)
-    paths, base_leaves, treedef = flatten_with_paths(base)
+    _, base_leaves, treedef = flatten_with_paths(base)
     model_leaves = [jax.tree.leaves(m) for m in models]
     floating = tuple(is_float(x) for x in base_leaves)
     extra_leaves = jax.tree.leaves(extra) if extra is not None else None
@@ -236,7 +241,7 @@ def stitch(base: PyTree, models: Sequence[PyTree], masks: Sequence[PyTree]) -> P
 
     Example::
 
-        masks = [learn_localization(...).mask for ...]   # or any boolean pytrees
+        masks = [mergejax.learn_masks(base, ft, loss_fn, batches).mask for ft in fts]
         merged = mergejax.stitch(base, [ft_a, ft_b], masks)
     """
     models, masks = list(models), list(masks)

@@ -546,6 +546,13 @@ def tall_masks(base, models, *, mask_lambda: float | Sequence[float] = 0.6,
                              f"{len(models)} models")
     vector = _tall_vector(base, models, merged=merged, density=density, scope=scope,
                           out_dtype=jnp.float32)
+    leaf, rescalers = _tall_leaf(tuple(lambdas))
+    return modulated_merge(base, models, "tall_masks", leaf, rescalers, extra=vector)
+
+
+@functools.cache
+def _tall_leaf(lambdas: tuple[float, ...]):
+    """The leaf and rescaler functions of `tall_masks` (cached: they key its jit)."""
     lam = np.asarray(lambdas, np.float32)
 
     def leaf(b, xs, v):
@@ -553,8 +560,7 @@ def tall_masks(base, models, *, mask_lambda: float | Sequence[float] = 0.6,
                       for k, x in enumerate(xs))
         return v, masks, jnp.zeros(())
 
-    return modulated_merge(base, models, "tall_masks", leaf,
-                           lambda _: jnp.ones(len(models), jnp.float32), extra=vector)
+    return leaf, lambda _: jnp.ones(len(lambdas), jnp.float32)
 
 
 tall_masks.name = "tall_masks"
@@ -579,7 +585,7 @@ def localize_stitch(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
     entry becomes ``theta_0`` plus the mean of the selected tasks' values there
     (`stitch`). No scaling. The code keeps ``|tau| >`` the k-th largest (k - 1 entries);
     here ``>=`` (k entries, ties kept). The data-driven variant learns the masks:
-    `mergejax.learned.localize.learn_masks`, then `mergejax.stitch`.
+    `mergejax.learn_masks` then `mergejax.stitch` (or `mergejax.localize_and_stitch`).
 
     Example::
 

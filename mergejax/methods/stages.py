@@ -39,19 +39,19 @@ from mergejax.tree import MergeError
 
 __all__ = [
     "bernoulli_mask",
-    "uniform_bits",
     "disjoint_combine",
     "elect_sign",
     "global_threshold_passes",
     "global_thresholds",
     "kth_largest",
-    "order_key",
     "magnitude_threshold",
     "magprune_probabilities",
+    "order_key",
     "rescale_masked",
     "select_thresholds",
     "topk_mask",
     "topk_rank",
+    "uniform_bits",
 ]
 
 Array = jax.Array
@@ -149,6 +149,7 @@ def _select_bin(hist: Array, rank: Array) -> tuple[Array, Array]:
 # it at full resolution (a bin per key), and counts the keys above the window. When the
 # rank falls outside the window (a misleading sample) two exact radix passes follow.
 _SAMPLE = 1 << 18
+_SORT_MAX = 1 << 12  # up to this many entries a sort is cheaper (to run and compile)
 _WINDOW = 4
 _FINE = _WINDOW * _BINS
 
@@ -239,12 +240,16 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
 
     A strided sample, then one histogram pass over a window around the sample's estimate;
     two exact radix passes when the window missed (`lax.cond`: they run only then).
-    Inputs of up to 2**18 entries go straight to the exact radix passes.
+    Inputs of up to 2**18 entries go straight to the exact radix passes, and up to 2**12
+    entries to a sort (cheaper there than 65536-bin histograms, to run and to compile).
     """
     size, k = values[0].size, len(values)
     live = _live(ranks, size)
     if not live:
         return _edges(jnp.zeros((0, k)), ranks, size, k)
+    if size <= _SORT_MAX:
+        ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
+        return _edges(jnp.stack([ordered[:, size - r] for r in live]), ranks, size, k)
 
     def radix(_):
         high = _histograms(None, values, _high_bins, _BINS)
@@ -268,6 +273,10 @@ def kth_largest(x: Array, rank: int | Array) -> Array:
     everything there."""
     if isinstance(rank, int):
         return select_thresholds((x,), (rank,))[0, 0]
+    if x.size <= _SORT_MAX:
+        ordered = jnp.sort(x.reshape(-1))
+        value = ordered[x.size - jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)]
+        return jnp.where(rank <= 0, jnp.inf, jnp.where(rank > x.size, -jnp.inf, value))
     r = jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)
     high = _histograms(None, (x,), _high_bins, _BINS)[0]
     b, inside = _select_bin(high, r)
@@ -289,6 +298,35 @@ def topk_mask(x: Array, rank: int) -> Array:
     return jnp.abs(x) >= magnitude_threshold(x, rank)
 
 
+_BATCH_LEAF = 1 << 16  # leaves up to this size are histogrammed together, in batches
+_BATCH_FLUSH = 1 << 21
+
+
+def _fold(acc, values: tuple[Array, ...], add, init):
+    """Adds a leaf's values to a histogram accumulator ``(hist, pending, pending_size)``.
+
+    Small leaves are kept back and concatenated, then added with one call of ``add``:
+    a histogram per leaf compiles in tens of ms, and models have hundreds of small
+    leaves (biases, norms).
+    """
+    hist, pending, size = acc if acc is not None else (init(), (), 0)
+    if values[0].size > _BATCH_LEAF:
+        return add(hist, values), pending, size
+    pending, size = pending + (values,), size + values[0].size
+    if size >= _BATCH_FLUSH:
+        return _flush((hist, pending, size), add), (), 0
+    return hist, pending, size
+
+
+def _flush(acc, add) -> Array:
+    hist, pending, _ = acc
+    if not pending:
+        return hist
+    joined = tuple(jnp.concatenate([p[k].reshape(-1) for p in pending])
+                   for k in range(len(pending[0])))
+    return add(hist, joined)
+
+
 def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     """The statistics passes of a model-wide `select_thresholds`, for `leafwise`.
 
@@ -304,71 +342,60 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     def live(ctx, hp):
         return _live(ranks_fn(ctx, **hp), ctx.total_size)
 
-    def sample_update(ctx, acc, base, models, **hp):
-        ranks = live(ctx, hp)
-        if not ranks:
-            return acc
-        check_global_size(ctx.total_size)
-        return ranks, _histograms(None if acc is None else acc[1],
-                                  values_fn(ctx, base, models, **hp), _high_bins, _BINS,
-                                  stride=sample_stride(ctx.total_size))
+    def pass_(make_add, init, finalize):
+        """A pass that folds every leaf with live ranks into a histogram."""
+        def update(ctx, acc, base, models, **hp):
+            ranks = live(ctx, hp)
+            if not ranks:
+                return acc
+            check_global_size(ctx.total_size)
+            add = make_add(ctx, ranks)
+            state = _fold(None if acc is None else acc[2], values_fn(ctx, base, models, **hp),
+                          add, lambda: init(ranks, len(models)))
+            return ranks, add, state
 
-    def sample_finalize(ctx, acc):
-        if acc is None:
-            return None
-        ranks, hist = acc
-        return window_starts(hist, ranks, ctx.total_size)
+        def done(ctx, acc):
+            if acc is None:
+                return None
+            ranks, add, state = acc
+            return finalize(ctx, ranks, _flush(state, add))
 
-    def window_update(ctx, acc, base, models, **hp):
+        return StatisticsPass(update, done)
+
+    def sample_add(ctx, ranks):
+        return lambda h, v: _histograms(h, v, _high_bins, _BINS,
+                                        stride=sample_stride(ctx.total_size))
+
+    def window_add(ctx, ranks):
         starts = ctx.stats[-1]
-        if starts is None:
-            return acc
-        ranks = live(ctx, hp)
-        return ranks, _histograms(None if acc is None else acc[1],
-                                  values_fn(ctx, base, models, **hp), _window_bins(starts),
-                                  _FINE + 1, rows=len(ranks))
+        return lambda h, v: _histograms(h, v, _window_bins(starts), _FINE + 1,
+                                        rows=len(ranks))
 
-    def window_finalize(ctx, acc):
-        if acc is None:
-            return None
-        ranks, hist = acc
-        thresholds, found = window_thresholds(hist, ctx.stats[-1], ranks)
-        return thresholds, jnp.all(found)
-
-    def high_update(ctx, acc, base, models, **hp):
-        if ctx.stats[-1] is None:
-            return acc
+    def high_add(ctx, ranks):
         _, found = ctx.stats[-1]
-        values = values_fn(ctx, base, models, **hp)
-        acc = jnp.zeros((len(models), _BINS), jnp.int32) if acc is None else acc
-        return lax.cond(found, lambda a: a,
-                        lambda a: _histograms(a, values, _high_bins, _BINS), acc)
+        return lambda h, v: lax.cond(found, lambda a: a,
+                                     lambda a: _histograms(a, v, _high_bins, _BINS), h)
 
-    def low_update(ctx, acc, base, models, **hp):
-        if ctx.stats[-2] is None:
-            return acc
-        ranks = live(ctx, hp)
+    def low_add(ctx, ranks):
         _, found = ctx.stats[-2]
         high_bins = _radix_high_bins(ctx.stats[-1], ranks)
-        values = values_fn(ctx, base, models, **hp)
-        low = (jnp.zeros((len(ranks) * len(models), _BINS), jnp.int32) if acc is None
-               else acc[1])
-        return ranks, lax.cond(found, lambda a: a,
-                               lambda a: _histograms(a, values, _low_bins(high_bins), _BINS,
-                                                     rows=len(ranks)), low)
+        return lambda h, v: lax.cond(
+            found, lambda a: a,
+            lambda a: _histograms(a, v, _low_bins(high_bins), _BINS, rows=len(ranks)), h)
 
-    def low_finalize(ctx, acc):
-        if acc is None:
-            return None
-        ranks, low = acc
-        thresholds, found = ctx.stats[-2]
-        exact = _radix_thresholds(ctx.stats[-1], low, ranks)
-        return jnp.where(found, thresholds, exact)
-
-    return (StatisticsPass(sample_update, sample_finalize),
-            StatisticsPass(window_update, window_finalize),
-            StatisticsPass(high_update),
-            StatisticsPass(low_update, low_finalize))
+    bins = lambda width, rows=False: (  # noqa: E731
+        lambda ranks, k: jnp.zeros(((len(ranks) if rows else 1) * k, width), jnp.int32))
+    return (
+        pass_(sample_add, bins(_BINS),
+              lambda ctx, ranks, h: window_starts(h, ranks, ctx.total_size)),
+        pass_(window_add, bins(_FINE + 1, rows=True),
+              lambda ctx, ranks, h: (lambda t, f: (t, jnp.all(f)))(
+                  *window_thresholds(h, ctx.stats[-1], ranks))),
+        pass_(high_add, bins(_BINS), lambda ctx, ranks, h: h),
+        pass_(low_add, bins(_BINS, rows=True),
+              lambda ctx, ranks, h: jnp.where(ctx.stats[-2][1], ctx.stats[-2][0],
+                                              _radix_thresholds(ctx.stats[-1], h, ranks))),
+    )
 
 
 def global_thresholds(ctx, ranks: tuple[int, ...], k: int, offset: int = 0) -> Array:

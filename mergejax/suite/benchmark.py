@@ -2,7 +2,9 @@
 
 Each method merges the experts' backbones (``method(pretrained, experts, **hparams)``) and
 every task is evaluated with its own frozen head. A method that returns one backbone per
-task (routing / calibration methods) is evaluated task by task and marked in the table.
+task (a list, or a result with ``task_models()`` such as EMR's `ModulatedMerge`) is
+evaluated task by task, and the table says what it keeps besides the base. Random methods
+get ``key=jax.random.key(0)``.
 A method that needs data the suite does not supply, or cannot take this many models, is
 listed as skipped with the reason.
 """
@@ -21,13 +23,22 @@ from mergejax.method import REQUIRED
 from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
 
-__all__ = ["reference_rows", "run_method", "run_methods", "validation_score"]
+__all__ = ["backbones", "reference_rows", "run_method", "run_methods", "validation_score"]
+
+
+def backbones(merged: Any) -> Any:
+    """What a method returned, as the suite evaluates it: one backbone, or a list with one
+    per task."""
+    if hasattr(merged, "task_models"):
+        return merged.task_models()
+    return list(merged) if isinstance(merged, (list, tuple)) else merged
 
 
 def validation_score(suite: Suite) -> Callable[[Any], float]:
-    """Average validation accuracy over tasks of one backbone: what searches maximise."""
-    return lambda params: sum(suite.accuracies(params, split="validation").values()) / len(
-        suite.tasks)
+    """Average validation accuracy over tasks of one backbone (or one per task): what
+    searches maximise."""
+    return lambda params: sum(suite.accuracies(backbones(params),
+                                               split="validation").values()) / len(suite.tasks)
 
 
 def reference_rows(suite: Suite) -> list[Row]:
@@ -51,8 +62,18 @@ def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
 
 
 def _merge(method, suite: Suite, hparams: Mapping[str, Any]):
+    if getattr(method, "uses_key", False) is True and "key" not in hparams:
+        hparams = {**hparams, "key": jax.random.key(0)}
     merged = method(suite.pretrained, suite.experts, **hparams)
     return jax.block_until_ready(merged)
+
+
+def _note(method, merged: Any) -> str:
+    if hasattr(merged, "task_models"):
+        return f"one model per task; keeps {getattr(method, 'keeps', 'per-task state')}"
+    if isinstance(merged, (list, tuple)):
+        return "one backbone per task"
+    return ""
 
 
 def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None,
@@ -83,11 +104,9 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     start = time.perf_counter()
     merged = _merge(method, suite, hparams)
     seconds = time.perf_counter() - start
-    multi = isinstance(merged, (list, tuple))
     shown = {k: v for k, v in hparams.items() if k != "evaluate"}
-    return Row(name, suite.accuracies(list(merged) if multi else merged), seconds=seconds,
-               hparams=shown, note="one backbone per task" if multi else "").finish(
-                   suite.expert_accuracies)
+    return Row(name, suite.accuracies(backbones(merged)), seconds=seconds, hparams=shown,
+               note=_note(method, merged)).finish(suite.expert_accuracies)
 
 
 def run_methods(suite: Suite, names: Sequence[str],

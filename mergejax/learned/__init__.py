@@ -1,0 +1,32 @@
+"""Merges that learn from data: masks, coefficients or routers trained with a loss.
+
+Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
+
+    from mergejax.learned import learn_masks, localize_and_stitch
+
+    result = learn_masks(base, ft, loss_fn, itertools.cycle(batches), density=0.01)
+    merged = localize_and_stitch(base, [ft_a, ft_b], [loss_a, loss_b],
+                                 [batches_a, batches_b], steps=200)
+"""
+
+from mergejax.learned import localize
+from mergejax.learned.localize import (
+    LocalizationResult,
+    init_logits,
+    learn_masks,
+    localize_and_stitch,
+    mask_from_logits,
+    masked_params,
+    sparsity_penalty,
+)
+
+__all__ = [
+    "LocalizationResult",
+    "init_logits",
+    "learn_masks",
+    "localize",
+    "localize_and_stitch",
+    "mask_from_logits",
+    "masked_params",
+    "sparsity_penalty",
+]
