@@ -476,6 +476,10 @@ def _check_pcb(paths: list[str], statics: list[dict]) -> None:
         if s["scope"] not in ("global", "tensor"):
             raise MergeError(f"scope must be 'global' or 'tensor', got {s['scope']!r} "
                              f"at '{path}'")
+    if len({(s["density"], s["clip"]) for s in statics if s["scope"] == "global"}) > 1:
+        raise MergeError("scope='global' ranks over the whole model, so density and clip "
+                         "must be the same for every leaf; use scope='tensor' for per-leaf "
+                         "values")
 
 
 @leafwise("pcb", family="sparse", paper=_PCB_PAPER, coefficients=("weights", "scale"),

@@ -241,13 +241,14 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
     A strided sample, then one histogram pass over a window around the sample's estimate;
     two exact radix passes when the window missed (`lax.cond`: they run only then).
     Inputs of up to 2**18 entries go straight to the exact radix passes, and up to 2**12
-    entries to a sort (cheaper there than 65536-bin histograms, to run and to compile).
+    entries to a sort (cheaper there than 65536-bin histograms, to run and to compile), as
+    do float64 inputs (the radix keys are float32).
     """
     size, k = values[0].size, len(values)
     live = _live(ranks, size)
     if not live:
         return _edges(jnp.zeros((0, k)), ranks, size, k)
-    if size <= _SORT_MAX:
+    if size <= _SORT_MAX or values[0].dtype == jnp.float64:
         ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
         return _edges(jnp.stack([ordered[:, size - r] for r in live]), ranks, size, k)
 
@@ -273,7 +274,7 @@ def kth_largest(x: Array, rank: int | Array) -> Array:
     everything there."""
     if isinstance(rank, int):
         return select_thresholds((x,), (rank,))[0, 0]
-    if x.size <= _SORT_MAX:
+    if x.size <= _SORT_MAX or x.dtype == jnp.float64:
         ordered = jnp.sort(x.reshape(-1))
         value = ordered[x.size - jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)]
         return jnp.where(rank <= 0, jnp.inf, jnp.where(rank > x.size, -jnp.inf, value))
@@ -302,17 +303,20 @@ _BATCH_LEAF = 1 << 16  # leaves up to this size are histogrammed together, in ba
 _BATCH_FLUSH = 1 << 21
 
 
-def _fold(acc, values: tuple[Array, ...], add, init):
+def _fold(acc, values, add, init):
     """Adds a leaf's values to a histogram accumulator ``(hist, pending, pending_size)``.
 
+    ``values`` is a thunk giving the leaf's K arrays; a large leaf's are computed inside
+    ``add`` (so that a `lax.cond` there does not get them as materialised operands).
     Small leaves are kept back and concatenated, then added with one call of ``add``:
     a histogram per leaf compiles in tens of ms, and models have hundreds of small
     leaves (biases, norms).
     """
     hist, pending, size = acc if acc is not None else (init(), (), 0)
-    if values[0].size > _BATCH_LEAF:
-        return add(hist, values), pending, size
-    pending, size = pending + (values,), size + values[0].size
+    leaf_size, thunk = values
+    if leaf_size > _BATCH_LEAF:
+        return add(hist, thunk), pending, size
+    pending, size = pending + (thunk(),), size + leaf_size
     if size >= _BATCH_FLUSH:
         return _flush((hist, pending, size), add), (), 0
     return hist, pending, size
@@ -324,7 +328,7 @@ def _flush(acc, add) -> Array:
         return hist
     joined = tuple(jnp.concatenate([p[k].reshape(-1) for p in pending])
                    for k in range(len(pending[0])))
-    return add(hist, joined)
+    return add(hist, lambda: joined)
 
 
 def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
@@ -349,9 +353,14 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
             if not ranks:
                 return acc
             check_global_size(ctx.total_size)
+            if base.dtype == jnp.float64:
+                raise MergeError(
+                    f"scope='global' selects thresholds on float32 keys, which is not exact "
+                    f"for float64 inputs (at '{ctx.path}'); use scope='tensor'")
             add = make_add(ctx, ranks)
-            state = _fold(None if acc is None else acc[2], values_fn(ctx, base, models, **hp),
-                          add, lambda: init(ranks, len(models)))
+            thunk = lambda: values_fn(ctx, base, models, **hp)  # noqa: E731
+            state = _fold(None if acc is None else acc[2], (base.size, thunk), add,
+                          lambda: init(ranks, len(models)))
             return ranks, add, state
 
         def done(ctx, acc):
@@ -363,25 +372,25 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
         return StatisticsPass(update, done)
 
     def sample_add(ctx, ranks):
-        return lambda h, v: _histograms(h, v, _high_bins, _BINS,
+        return lambda h, v: _histograms(h, v(), _high_bins, _BINS,
                                         stride=sample_stride(ctx.total_size))
 
     def window_add(ctx, ranks):
         starts = ctx.stats[-1]
-        return lambda h, v: _histograms(h, v, _window_bins(starts), _FINE + 1,
+        return lambda h, v: _histograms(h, v(), _window_bins(starts), _FINE + 1,
                                         rows=len(ranks))
 
     def high_add(ctx, ranks):
         _, found = ctx.stats[-1]
         return lambda h, v: lax.cond(found, lambda a: a,
-                                     lambda a: _histograms(a, v, _high_bins, _BINS), h)
+                                     lambda a: _histograms(a, v(), _high_bins, _BINS), h)
 
     def low_add(ctx, ranks):
         _, found = ctx.stats[-2]
         high_bins = _radix_high_bins(ctx.stats[-1], ranks)
         return lambda h, v: lax.cond(
             found, lambda a: a,
-            lambda a: _histograms(a, v, _low_bins(high_bins), _BINS, rows=len(ranks)), h)
+            lambda a: _histograms(a, v(), _low_bins(high_bins), _BINS, rows=len(ranks)), h)
 
     bins = lambda width, rows=False: (  # noqa: E731
         lambda ranks, k: jnp.zeros(((len(ranks) if rows else 1) * k, width), jnp.int32))
