@@ -19,6 +19,17 @@ CASES = [
     ("karcher", None, 3, {}),
     ("model_stock", "base", 3, {}),
     ("metagpt", "base", 3, {}),
+    ("ties", "base", 3, {"density": 0.3}),
+    ("ties", "base", 3, {"density": 0.3, "scope": "tensor", "topk": "mergekit"}),
+    ("dare_ties", "base", 3, {"density": 0.5, "key": jax.random.key(0)}),
+    ("della", "base", 3, {"key": jax.random.key(1)}),
+    ("breadcrumbs", "base", 3, {"density": 0.5, "gamma": 0.1}),
+    ("magmax", "base", 3, {}),
+    ("consensus", "base", 3, {"merged": "ties"}),
+    ("pcb", "base", 3, {"density": 0.3, "clip": 0.05}),
+    ("sce", "base", 3, {"density": 0.5}),
+    ("model_tailor", "base", 3, {"density": 0.3, "block_size": 4}),
+    ("localize_stitch", "base", 3, {"density": 0.3}),
 ]
 
 
@@ -44,7 +55,8 @@ def _shard(tree, mesh):
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
 
 
-@pytest.mark.parametrize("name,base_arg,k,hparams", CASES)
+@pytest.mark.parametrize("name,base_arg,k,hparams", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_sharded_inputs_give_same_sharding_and_values(mesh, name, base_arg, k, hparams):
     base, models = _params(0), [_params(i) for i in range(1, k + 1)]
     expected = mergejax.merge(name, base if base_arg else None, models, **hparams)
@@ -55,5 +67,17 @@ def test_sharded_inputs_give_same_sharding_and_values(mesh, name, base_arg, k, h
                              jax.tree.leaves(expected), jax.tree.leaves(reference)):
         assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
         assert g.dtype == e.dtype, path
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
+                                   rtol=2e-6, atol=2e-6, err_msg=path)
+
+
+def test_emr_task_models_keep_the_sharding(mesh):
+    base, models = _params(0), [_params(i) for i in range(1, 4)]
+    sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]
+    expected = mergejax.emr(base, models).task_model(1)
+    got = mergejax.emr(sbase, smodels).task_model(1)
+    for path, g, e, r in zip(mergejax.leaf_paths(got), jax.tree.leaves(got),
+                             jax.tree.leaves(expected), jax.tree.leaves(sbase)):
+        assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
                                    rtol=2e-6, atol=2e-6, err_msg=path)

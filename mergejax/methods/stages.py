@@ -4,6 +4,8 @@ Each stage is a pure function on the task vectors of one leaf (a tuple of K arra
 leaf kernel composes them and a researcher can recombine them in a kernel of their own
 (see `mergejax.sparse_merge`, which exposes every combination the presets use)::
 
+    from mergejax.methods.stages import disjoint_combine, elect_sign, topk_mask, topk_rank
+
     @mergejax.leafwise("my_ties", family="sparse", paper="...", coefficients=("scale",))
     def my_ties(ctx, base, models, *, density=0.2, scale=1.0):
         taus = tuple(x - base for x in models)
@@ -12,12 +14,20 @@ leaf kernel composes them and a researcher can recombine them in a kernel of the
         return base + scale * disjoint_combine(kept, sign, mode="sum")
 
 Exact top-k without a sort. Sorting is slow on XLA:CPU (about 0.3 us per entry, measured
-here), so thresholds are found by a radix select over a uint32 key that orders like the
-float32 value (`order_key`): one histogram of the key's high 16 bits finds the bin that
-holds the r-th largest value, a second histogram of the low 16 bits inside that bin finds
-the value itself. Two passes, exact, the same answer as a full sort. A global
-(model-wide) threshold sums the histograms over leaves (`global_threshold_passes`), so it
-needs no concatenated copy of the model.
+here), so thresholds come from histograms of a uint32 key that orders like the float32
+value (`order_key`). A strided sample locates the high 16 bits of the wanted value; one
+pass histograms every key within a window of 4 such bins at full resolution (and counts
+the keys above it), which gives the exact value; if the value fell outside the window, a
+two-pass radix select (high 16 bits, then low 16 bits) runs instead, under `lax.cond`.
+Inputs of up to 2**18 entries skip the sample, and up to 2**12 (or float64 inputs) are
+sorted. A global (model-wide) threshold folds the histograms over leaves
+(`global_threshold_passes`), so it needs no concatenated copy of the model.
+
+Cost on XLA:CPU (2 cores): about 3-4 ns per entry and task for the histogram pass
+(scatter-adds do not vectorise), so a global TIES over 8 x 88M entries takes ~6 s; on
+XLA:CPU's default scheduler, large programs keep every leaf's intermediates alive at once
+(``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` avoids it; see
+``experiments/bench_sparse.py``).
 
 Ties at a threshold are kept: every entry with ``|x| >= v_r`` survives, where ``v_r`` is the
 r-th largest magnitude. This is FusionBench's and the TIES paper's rule; mergekit keeps
@@ -85,10 +95,6 @@ def _from_key(key: Array) -> Array:
     positive = (key >> 31) == 1
     bits = jnp.where(positive, key & jnp.uint32(0x7FFFFFFF), ~key)
     return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _keys(values: tuple[Array, ...], stride: int = 1) -> list[Array]:
-    return [order_key(v)[::stride] for v in values]
 
 
 _DROP = 1 << 30  # a bin index past every histogram: the entry is not counted
