@@ -434,9 +434,12 @@ def _pcb_bounds(ctx: LeafContext, taus, ranks, scope: str, offset: int) -> list[
 
 
 def _pcb_scores(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, clip: float,
-                scope: str):
-    """Clipped task vectors and balancing scores ``intra * inter`` of one leaf."""
-    taus = tuple(x - base for x in models)
+                scope: str, negated: bool = False):
+    """Clipped task vectors and balancing scores ``intra * inter`` of one leaf.
+
+    ``negated`` computes from ``base - x`` (the same scores; the statistics passes use it
+    so that XLA does not share their intermediates with the merge's)."""
+    taus = tuple(base - x if negated else x - base for x in models)
     size = _pcb_size(ctx, base, scope)
     clip_ranks = _pcb_clip_ranks(size, clip)
     bounds = _pcb_bounds(ctx, tuple(jnp.abs(t) for t in taus), clip_ranks, scope, 0)
@@ -461,10 +464,10 @@ def _pcb_passes():
         return _pcb_score_ranks(ctx.total_size, density) if scope == "global" else ()
 
     magnitudes = stages.global_threshold_passes(
-        lambda ctx, base, models, **hp: tuple(jnp.abs(x - base) for x in models), clip_ranks)
+        lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models), clip_ranks)
     scores = stages.global_threshold_passes(
         lambda ctx, base, models, *, clip, scope, **_: _pcb_scores(
-            ctx, base, models, clip=clip, scope=scope)[1], score_ranks)
+            ctx, base, models, clip=clip, scope=scope, negated=True)[1], score_ranks)
     return magnitudes + scores
 
 

@@ -121,7 +121,7 @@ def _statistics(settings_fn):
     """The model-wide threshold passes of a method whose stage settings are
     ``settings_fn(hparams)`` (the passes do nothing for tensor scope)."""
     return stages.global_threshold_passes(
-        lambda ctx, base, models, **hp: tuple(jnp.abs(x - base) for x in models),
+        lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models),
         lambda ctx, **hp: _global_ranks(ctx, settings_fn(hp)))
 
 

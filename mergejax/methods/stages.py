@@ -341,7 +341,9 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     """The statistics passes of a model-wide `select_thresholds`, for `leafwise`.
 
     ``values_fn(ctx, base, models, **hparams)`` gives a leaf's K arrays to rank (e.g.
-    ``|tau_k|``); ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
+    ``|tau_k|``, elementwise: the sample pass calls it on strided slices; write it from
+    ``base - x``, not ``x - base``, so that XLA does not share it with the merge's
+    ``x - base`` and keep it alive for every leaf: measured, 7 models' worth); ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
     counted over the whole model (``ctx.total_size`` entries per task), or () to skip.
     Four passes: the sample, the window, and the two exact radix passes of the fallback,
     which skip their work (`lax.cond`) unless the window missed. `global_thresholds`
@@ -352,8 +354,18 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     def live(ctx, hp):
         return _live(ranks_fn(ctx, **hp), ctx.total_size)
 
-    def pass_(make_add, init, finalize):
-        """A pass that folds every leaf with live ranks into a histogram."""
+    def full(ctx, base, models):
+        return base, models
+
+    def strided(ctx, base, models):
+        stride = sample_stride(ctx.total_size)
+        return (base.reshape(-1)[::stride],
+                tuple(x.reshape(-1)[::stride] for x in models))
+
+    def pass_(make_add, init, finalize, read=full):
+        """A pass that folds every leaf with live ranks into a histogram; ``read`` gives
+        the leaf's inputs it ranks (the sample pass reads a strided slice, so that no
+        full-size intermediate is shared with other passes: XLA would keep it alive)."""
         def update(ctx, acc, base, models, **hp):
             ranks = live(ctx, hp)
             if not ranks:
@@ -364,7 +376,7 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
                     f"scope='global' selects thresholds on float32 keys, which is not exact "
                     f"for float64 inputs (at '{ctx.path}'); use scope='tensor'")
             add = make_add(ctx, ranks)
-            thunk = lambda: values_fn(ctx, base, models, **hp)  # noqa: E731
+            thunk = lambda: values_fn(ctx, *read(ctx, base, models), **hp)  # noqa: E731
             state = _fold(None if acc is None else acc[2], (base.size, thunk), add,
                           lambda: init(ranks, len(models)))
             return ranks, add, state
@@ -378,8 +390,7 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
         return StatisticsPass(update, done)
 
     def sample_add(ctx, ranks):
-        return lambda h, v: _histograms(h, v(), _high_bins, _BINS,
-                                        stride=sample_stride(ctx.total_size))
+        return lambda h, v: _histograms(h, v(), _high_bins, _BINS)
 
     def window_add(ctx, ranks):
         starts = ctx.stats[-1]
@@ -402,7 +413,7 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
         lambda ranks, k: jnp.zeros(((len(ranks) if rows else 1) * k, width), jnp.int32))
     return (
         pass_(sample_add, bins(_BINS),
-              lambda ctx, ranks, h: window_starts(h, ranks, ctx.total_size)),
+              lambda ctx, ranks, h: window_starts(h, ranks, ctx.total_size), read=strided),
         pass_(window_add, bins(_FINE + 1, rows=True),
               lambda ctx, ranks, h: (lambda t, f: (t, jnp.all(f)))(
                   *window_thresholds(h, ctx.stats[-1], ranks))),
