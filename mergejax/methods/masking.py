@@ -154,14 +154,13 @@ def _modulated(leaf_fn, rescalers_fn, floating, base_leaves, model_leaves, extra
     return vectors, packed, rescalers_fn(total)
 
 
-def _emr_leaf(base: Array, models: tuple[Array, ...]):
-    taus = tuple(x - base for x in models)
+def _emr_elect(taus: tuple[Array, ...]) -> tuple[Array, tuple[Array, ...]]:
+    """EMR's unified task vector and per-task masks of one leaf."""
     sign = jnp.where(functools.reduce(jnp.add, taus) > 0, 1.0, -1.0)
     masks = tuple(t * sign > 0 for t in taus)
     magnitude = functools.reduce(jnp.maximum, (jnp.where(m, jnp.abs(t), 0.0)
                                                for t, m in zip(taus, masks)))
-    unified = sign * magnitude
-    return unified, masks, (taus, masks, unified)
+    return sign * magnitude, masks
 
 
 def emr(base: PyTree, models: Sequence[PyTree], *, rescale_sum: str = "tensor_means"
@@ -191,12 +190,14 @@ def emr(base: PyTree, models: Sequence[PyTree], *, rescale_sum: str = "tensor_me
     return modulated_merge(base, models, "emr", _emr_leaf_stats(rescale_sum), _emr_rescalers)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _emr_leaf_stats(rescale_sum: str):
+    """The leaf function of `emr` (cached: it keys the compiled function)."""
     reduce = jnp.mean if rescale_sum == "tensor_means" else jnp.sum
 
     def leaf(base, models):
-        unified, masks, (taus, _, _) = _emr_leaf(base, models)
+        taus = tuple(x - base for x in models)
+        unified, masks = _emr_elect(taus)
         stats = jnp.stack([
             jnp.stack([reduce(jnp.abs(t)) for t in taus]),
             jnp.stack([reduce(jnp.where(m, jnp.abs(unified), 0.0)) for m in masks])])
