@@ -1,24 +1,18 @@
 """Smoke test of the benchmark binary: ``python -m experiments.bench_basic --quick``."""
 
 import json
-import os
 import subprocess
 import sys
 
-from experiments import bench_basic
+from _helpers import REPO_ROOT, benchmark_env
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import bench_basic
 
 
 def test_quick_run_writes_every_row(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    # conftest.py simulates 8 CPU devices for the sharding tests; the benchmark wants one.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_basic", "--quick", f"--out_dir={tmp_path}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     with open(tmp_path / "bench_basic.json") as f:

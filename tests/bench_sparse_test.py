@@ -1,23 +1,19 @@
 """Smoke test of ``python -m experiments.bench_sparse --quick`` on a few cases."""
 
 import json
-import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import REPO_ROOT, benchmark_env
+
 CASES = ("floor_base", "task_arithmetic", "ties_global", "dare_ties", "emr")
 
 
 def test_quick_run_reports_ratios_to_task_arithmetic(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_sparse", "--quick", f"--out_dir={tmp_path}",
          f"--cases={','.join(CASES)}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "bench_sparse.json") as f:
         report = json.load(f)

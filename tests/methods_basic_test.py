@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import check_tree, floats, make_tree, walk, x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,33 +35,6 @@ PROPERTY_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
 
 
 # ----------------------------------------------------------------------------- trees
-
-
-def make_tree(leaves: dict[str, np.ndarray], step: int, dtype=jnp.float32) -> dict:
-    """A nested params dict with the leaves of ``leaves`` and an int32 step counter."""
-    tree: dict = {"step": jnp.asarray(step, jnp.int32)}
-    for path, value in leaves.items():
-        *parents, name = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = jnp.asarray(value, dtype)
-    return tree
-
-
-def walk(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            yield from walk(v, path)
-        else:
-            yield path, v
-
-
-def floats(tree: dict) -> dict[str, np.ndarray]:
-    """The floating leaves of ``tree`` as float64 NumPy arrays (what references use)."""
-    return {p: np.asarray(v, np.float64) for p, v in walk(tree)
-            if jnp.issubdtype(jnp.result_type(v), jnp.floating)}
 
 
 def rand_leaves(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -84,25 +58,6 @@ def flatten(leaves: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(leaves[p], np.float64).ravel() for p in PATHS])
 
 
-def check_tree(out, expected: dict[str, np.ndarray], like: dict, *, rtol: float,
-               atol: float) -> None:
-    """``out`` has ``like``'s structure and dtypes, floats close to ``expected``, and every
-    non-floating leaf equal to ``like``'s."""
-    got = dict(walk(out))
-    ref = dict(walk(like))
-    assert set(got) == set(ref)
-    for path, leaf in ref.items():
-        g = got[path]
-        assert jnp.result_type(g) == jnp.result_type(leaf), path
-        assert np.shape(g) == np.shape(leaf), path
-        if path in expected:
-            np.testing.assert_allclose(np.asarray(g, np.float64), expected[path],
-                                       rtol=rtol, atol=atol, err_msg=path)
-        else:
-            assert path == "step"
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(leaf))
-
-
 def per_leaf(fn, base: dict | None, models: list[dict]) -> dict[str, np.ndarray]:
     """Applies a per-tensor reference ``fn(base_leaf, [model leaves])`` to every path."""
     return {p: fn(None if base is None else base[p], [m[p] for m in models]) for p in PATHS}
@@ -121,12 +76,8 @@ def prec(request):
     if request.param == "float32":
         yield Precision(jnp.float32, rtol=1e-5, atol=1e-5)
         return
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with x64():
         yield Precision(jnp.float64, rtol=1e-10, atol=1e-11)
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def setup_models(seed: int, k: int, dtype, *, base_scale=1.0, delta_scale=0.5):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import check_tree, floats, make_tree, walk, x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,50 +38,6 @@ PROPERTY_SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 F32 = dict(rtol=2e-5, atol=2e-6)
 
 # ----------------------------------------------------------------------------- trees
-
-
-def make_tree(leaves: dict[str, np.ndarray], step: int, dtype=jnp.float32) -> dict:
-    tree: dict = {"step": jnp.asarray(step, jnp.int32)}
-    for path, value in leaves.items():
-        *parents, name = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = jnp.asarray(value, dtype)
-    return tree
-
-
-def walk(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            yield from walk(v, path)
-        else:
-            yield path, v
-
-
-def floats(tree: dict) -> dict[str, np.ndarray]:
-    return {p: np.asarray(v, np.float64) for p, v in walk(tree)
-            if jnp.issubdtype(jnp.result_type(v), jnp.floating)}
-
-
-def check_tree(out, expected: dict[str, np.ndarray], like: dict, *, rtol: float,
-               atol: float) -> None:
-    """``out`` has ``like``'s structure and dtypes, floats close to ``expected``, and every
-    non-floating leaf equal to ``like``'s."""
-    got = dict(walk(out))
-    ref = dict(walk(like))
-    assert set(got) == set(ref)
-    for path, leaf in ref.items():
-        g = got[path]
-        assert jnp.result_type(g) == jnp.result_type(leaf), path
-        assert np.shape(g) == np.shape(leaf), path
-        if path in expected:
-            np.testing.assert_allclose(np.asarray(g, np.float64), expected[path],
-                                       rtol=rtol, atol=atol, err_msg=path)
-        else:
-            assert path == "step"
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(leaf))
 
 
 def dyadic(seed: int, k: int, *, zeros: float = 0.0, shared_signs: bool = False,
@@ -564,40 +521,28 @@ def test_ties_global_scope_on_a_big_model(adversarial):
 
 def test_magnitude_threshold_float64_is_exact():
     """Under x64 the threshold of float64 values must be the exact r-th largest |x|."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with x64():
         x = np.random.default_rng(3).standard_normal(5000)
         for r in (1, 10, 30, 1234):
             th = stages.magnitude_threshold(jnp.asarray(x), r)
             assert int(np.sum(np.abs(x) >= np.asarray(th, np.float64))) == r
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def test_ties_float64_global_is_a_clear_error():
     """Model-wide selection runs on float32 keys: float64 inputs are refused, not rounded."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with x64():
         base, models = gaussian(0, 2, jnp.float64)
         with pytest.raises(MergeError, match=r"float64 .*use scope='tensor'"):
             mergejax.ties(base, models, density=0.3, scope="global")
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def test_ties_float64_tensor_matches_reference():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with x64():
         base, models = gaussian(40, 2, jnp.float64)
         out = mergejax.ties(base, models, density=0.3, scope="tensor", topk="mergekit")
         expected = ref_ties(floats(base), [floats(m) for m in models], density=0.3,
                             scope="tensor", topk="mergekit", elect="mass", disjoint="mean")
         check_tree(out, expected, base, rtol=1e-10, atol=1e-11)
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 # ---------------------------------------------------------------------------- TIES
