@@ -192,6 +192,7 @@ class MergeMethod:
     max_models: int | None = None
     statistics: tuple[Callable[..., Any], ...] = ()
     validate: Callable[..., None] | None = None
+    batched: bool = False
 
     def __call__(self, base: PyTree | None, models: Sequence[PyTree], *,
                  key: jax.Array | None = None, out_dtype: Any = None,
@@ -350,15 +351,51 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
         stats = stats + (statistics_pass.finalize(LeafContext("", None, stats, total_size),
                                                   acc),)
 
-    outs, peaks = [], []
-    for (path, base, xs, hp), out_dtype, k in zip(inputs, out_dtypes, keys):
-        ctx = LeafContext(path, k, stats, total_size)
-        out = method.kernel(ctx, base, xs, **hp).astype(out_dtype)
-        outs.append(out)
-        if check_finite:
-            peaks.append(jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size
-                         else jnp.float32(0))
+    if method.batched:
+        outs = _batched_kernels(method, plan, out_dtypes, inputs, keys, stats, total_size)
+    else:
+        outs = [method.kernel(LeafContext(path, k, stats, total_size), base, xs,
+                              **hp).astype(out_dtype)
+                for (path, base, xs, hp), out_dtype, k in zip(inputs, out_dtypes, keys)]
+    peaks = [jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)
+             for out in outs] if check_finite else []
     return outs, (peaks if check_finite else None)
+
+
+def _batched_kernels(method: MergeMethod, plan, out_dtypes, inputs, keys, stats,
+                     total_size: int) -> list[jax.Array]:
+    """Runs the kernel once per group of leaves with the same shape, dtype and static
+    hyperparameters, `jax.vmap`-ed over the group's stacked leaves (e.g. the twelve
+    identical blocks of a ViT: one batched SVD instead of twelve). Stacking copies the
+    group's inputs once; the kernel sees ``ctx.path`` of the group's first leaf."""
+    groups: dict[Any, list[int]] = {}
+    for j, ((path, static), out_dtype) in enumerate(zip(plan, out_dtypes)):
+        _, base, xs, _ = inputs[j]
+        groups.setdefault((xs[0].shape, xs[0].dtype.name, static, out_dtype), []).append(j)
+    outs: list[Any] = [None] * len(inputs)
+    for members in groups.values():
+        path, base, xs, hp = inputs[members[0]]
+        static = dict(plan[members[0]][1])
+        coefficient_names = [n for n in hp if n not in static]
+        key = keys[members[0]]
+        if len(members) == 1:
+            out = method.kernel(LeafContext(path, key, stats, total_size), base, xs, **hp)
+            outs[members[0]] = out.astype(out_dtypes[members[0]])
+            continue
+
+        def one(base, xs, coefficients, key, path=path, static=static):
+            return method.kernel(LeafContext(path, key, stats, total_size), base, xs,
+                                 **static, **coefficients)
+
+        stack = lambda get, members=members: jnp.stack([get(inputs[j]) for j in members])
+        stacked = jax.vmap(one)(
+            stack(lambda leaf: leaf[1]) if base is not None else None,
+            tuple(stack(lambda leaf, k=k: leaf[2][k]) for k in range(len(xs))),
+            {n: stack(lambda leaf, n=n: leaf[3][n]) for n in coefficient_names},
+            jnp.stack([keys[j] for j in members]) if key is not None else None)
+        for i, j in enumerate(members):
+            outs[j] = stacked[i].astype(out_dtypes[j])
+    return outs
 
 
 def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] = (),
@@ -366,8 +403,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
              uses_key: bool | str = False,
              min_models: int = 1, max_models: int | None = None,
              statistics: Sequence[Callable[..., Any]] = (),
-             validate: Callable[..., None] | None = None, register: bool = True
-             ) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
+             validate: Callable[..., None] | None = None, batched: bool = False,
+             register: bool = True) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
     """Decorator: turns a leaf kernel into a `MergeMethod`, registered unless
     ``register=False`` (for a private method used only by its own code).
 
@@ -386,6 +423,10 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
     methods that are random only under some settings.
     ``validate(paths, static_hparams)`` gets every leaf's path and static hyperparameters
     (one dict per leaf) and raises `MergeError` for bad values.
+    ``batched=True`` runs the kernel `jax.vmap`-ed over groups of same-shaped leaves with
+    equal static hyperparameters (for kernels dominated by per-leaf linear algebra such
+    as SVDs, whose batched form is one call); the kernel must then be vmappable and use
+    ``ctx.path`` only in messages. It costs one copy of each group's inputs.
     """
 
     def wrap(kernel: Callable[..., jax.Array]) -> MergeMethod:
@@ -397,7 +438,7 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
             coefficients=frozenset(coefficients), per_model=frozenset(per_model),
             family=family, paper=paper, needs_base=needs_base, uses_key=uses_key,
             min_models=min_models, max_models=max_models, statistics=tuple(statistics),
-            validate=validate)
+            validate=validate, batched=batched)
         object.__setattr__(method, "__doc__", kernel.__doc__)
         params = [inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD),
                   inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD)]

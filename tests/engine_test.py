@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import make_tree, walk
 
 import mergejax
 from mergejax import MergeError
@@ -233,3 +234,46 @@ def test_random_method_keys_per_leaf_so_subtrees_merge_identically():
     other = _noise(BASE, MODELS, key=jax.random.key(43))
     assert not np.allclose(whole["dense"]["kernel"], other["dense"]["kernel"])
     assert "test_noise" not in mergejax.list_methods()
+
+
+def _polar_noise(ctx, base, models, *, scale=1.0, shift=0.0):
+    """A kernel with per-leaf linear algebra and randomness, for the batching test."""
+    _KERNEL_TRACES.append(ctx.path)
+    tau = sum(x - base for x in models)
+    u, _, vt = jnp.linalg.svd(tau.reshape(tau.shape[0], -1), full_matrices=False)
+    noise = jax.random.normal(ctx.key, base.shape, base.dtype)
+    return base + scale * (u @ vt).reshape(base.shape) + shift + 1e-3 * noise
+
+
+_KERNEL_TRACES: list[str] = []
+_one_by_one = mergejax.leafwise("test_polar", family="test", paper="-", coefficients=("scale",),
+                                uses_key=True, register=False)(_polar_noise)
+_batched = mergejax.leafwise("test_polar_batched", family="test", paper="-",
+                             coefficients=("scale",), uses_key=True, batched=True,
+                             register=False)(_polar_noise)
+
+
+def test_batched_kernels_equal_leaf_by_leaf_and_trace_once_per_group():
+    rng = np.random.default_rng(0)
+    shapes = {"blocks/0/w": (4, 3), "blocks/1/w": (4, 3), "blocks/2/w": (4, 3),
+              "blocks/2/v": (4, 3), "head/w": (4, 5), "head/b": (4, 1)}
+    trees = [make_tree({p: rng.normal(size=s) for p, s in shapes.items()}, 0) for _ in range(3)]
+    base, models = trees[0], trees[1:]
+    # A per-leaf static hyperparameter splits a group: blocks/2/v gets its own shift.
+    shift = [("blocks/2/v", 1.0), (".*", 0.0)]
+    key = jax.random.key(3)
+    _KERNEL_TRACES.clear()
+    want = _one_by_one(base, models, key=key, scale=[("head/.*", 2.0), (".*", 0.5)],
+                       shift=shift)
+    assert len(_KERNEL_TRACES) == len(shapes)
+    _KERNEL_TRACES.clear()
+    got = _batched(base, models, key=key, scale=[("head/.*", 2.0), (".*", 0.5)], shift=shift)
+    # (4,3) x3 with shift 0 in one group; blocks/2/v, head/w, head/b alone.
+    assert len(_KERNEL_TRACES) == 4
+    for (path, g), (_, w) in zip(walk(got), walk(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+    # A new scale reuses the compiled program.
+    _KERNEL_TRACES.clear()
+    _batched(base, models, key=key, scale=0.1, shift=shift)
+    assert not _KERNEL_TRACES

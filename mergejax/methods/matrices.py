@@ -1,0 +1,145 @@
+"""How the spectral and data-free methods see a leaf as a matrix, and the batched linear
+algebra they share.
+
+**Which leaves are matrices** (the ``matrix_split`` hyperparameter, per leaf by path rules):
+an int ``s`` views a leaf of shape ``(d0, ..., dn)`` as the matrix
+``(d0*...*d{s-1}, ds*...*dn)``; None means "not a matrix" (the method's documented fallback,
+usually the plain average or task arithmetic, applies). ``"auto"`` (the default) is:
+
+* 2-D leaves: split 1 (a Dense kernel, an embedding table, a positional table);
+* 3-D Flax attention kernels (``MultiHeadDotProductAttention`` / ``DenseGeneral``):
+  ``.../query|key|value/kernel`` ``(d, heads, head_dim)`` split 1, ``.../out/kernel``
+  ``(heads, head_dim, d)`` split 2, i.e. the (in, out) matrix of the fused projection;
+* anything else (biases, norms, convolution kernels, scalars): not a matrix, as in
+  FusionBench, which applies the spectral step to ``len(shape) == 2`` tensors only.
+
+**Layout.** Flax kernels are ``(in, out)``, PyTorch weights ``(out, in)``. Methods that
+distinguish the input side (WUDI's ``tau tau^T`` Gram) take ``kernel_layout="in_out"`` (Flax,
+default) or ``"out_in"`` (PyTorch) and work on `torch_view`, so both layouts give the same
+(transposed) result. Purely spectral methods (TSV, ISO) commute with transposition anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mergejax.tree import MergeError
+
+__all__ = [
+    "as_matrix",
+    "check_layout",
+    "check_matrix_split",
+    "from_torch_view",
+    "matrix_split",
+    "polar",
+    "svd",
+    "top_singular",
+    "torch_view",
+]
+
+Array = jax.Array
+
+_ATTENTION_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
+_ATTENTION_OUT = re.compile(r"(^|/)out/kernel$")
+LAYOUTS = ("in_out", "out_in")
+
+
+def matrix_split(path: str, shape: Sequence[int], split: Any) -> int | None:
+    """The split point of leaf ``path`` (see the module docstring), or None."""
+    if split is None:
+        return None
+    if split == "auto":
+        if len(shape) == 2:
+            return 1
+        if len(shape) == 3 and _ATTENTION_IN.search(path):
+            return 1
+        if len(shape) == 3 and _ATTENTION_OUT.search(path):
+            return 2
+        return None
+    if isinstance(split, bool) or not isinstance(split, int) or not 0 < split < len(shape):
+        raise MergeError(f"matrix_split at '{path}' must be 'auto', None or an int in "
+                         f"[1, {len(shape) - 1}] for shape {tuple(shape)}, got {split!r}")
+    return split
+
+
+def check_matrix_split(paths: Sequence[str], statics: Sequence[dict[str, Any]],
+                       shapes: Sequence[Sequence[int]] | None = None) -> None:
+    """Raises `MergeError` for a ``matrix_split`` that is neither 'auto', None nor an int."""
+    for j, (path, hp) in enumerate(zip(paths, statics)):
+        split = hp.get("matrix_split", "auto")
+        if split in ("auto", None):
+            continue
+        if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+            raise MergeError(f"matrix_split at '{path}' must be 'auto', None or a positive "
+                             f"int, got {split!r}")
+        if shapes is not None:
+            matrix_split(path, shapes[j], split)
+
+
+def check_layout(layout: Any, path: str = "") -> None:
+    if layout not in LAYOUTS:
+        where = f" at '{path}'" if path else ""
+        raise MergeError(f"kernel_layout{where} must be one of {LAYOUTS}, got {layout!r}")
+
+
+def as_matrix(x: Array, split: int) -> Array:
+    """``x`` reshaped to ``(prod(shape[:split]), prod(shape[split:]))``."""
+    return x.reshape(math.prod(x.shape[:split]), math.prod(x.shape[split:]))
+
+
+def torch_view(m: Array, layout: str) -> Array:
+    """The ``(out, in)`` (PyTorch) orientation of matrix ``m`` given in ``layout``."""
+    check_layout(layout)
+    return m.T if layout == "in_out" else m
+
+
+def from_torch_view(m: Array, layout: str) -> Array:
+    """The inverse of `torch_view`."""
+    return torch_view(m, layout)
+
+
+def svd(m: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD ``m = U diag(S) V^T`` over the last two axes (batched over the others),
+    singular values descending. Returns ``(U, S, V)`` with V, not V^T."""
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return u, s, jnp.swapaxes(vt, -1, -2)
+
+
+def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array, Array]:
+    """The ``r`` largest singular triplets ``(U (.., p, r), S (.., r), V (.., q, r))`` of
+    ``m (.., p, q)``, descending.
+
+    ``solver="svd"`` truncates LAPACK's thin SVD (exact, as FusionBench's
+    ``torch.linalg.svd``). ``solver="gram"`` diagonalises the Gram matrix of the smaller
+    side (``eigh``, about 2x cheaper than the SVD on CPU) and recovers the other side by
+    one product: the kept triplets are accurate to float32 tolerance when
+    ``sigma_1 / sigma_r`` is moderate (relative error ~ eps * (sigma_1 / sigma_i)^2), which
+    holds for the top fraction of a task matrix's spectrum.
+    """
+    p, q = m.shape[-2:]
+    if not 0 < r <= min(p, q):
+        raise MergeError(f"rank {r} is outside [1, {min(p, q)}] for a {p}x{q} matrix")
+    if solver == "svd":
+        u, s, v = svd(m)
+        return u[..., :r], s[..., :r], v[..., :r]
+    if solver != "gram":
+        raise MergeError(f"solver must be 'svd' or 'gram', got {solver!r}")
+    mt = jnp.swapaxes(m, -1, -2)
+    small, other = (mt @ m, m) if p >= q else (m @ mt, mt)
+    w, vecs = jnp.linalg.eigh(small)
+    w, vecs = w[..., ::-1][..., :r], vecs[..., ::-1][..., :r]
+    s = jnp.sqrt(jnp.maximum(w, 0.0))
+    far = (other @ vecs) / jnp.where(s > 0, s, 1.0)[..., None, :]
+    return (far, s, vecs) if p >= q else (vecs, s, far)
+
+
+def polar(m: Array) -> Array:
+    """The orthogonal polar factor ``U V^T`` of ``m = U S V^T`` (batched)."""
+    u, _, v = svd(m)
+    return u @ jnp.swapaxes(v, -1, -2)
