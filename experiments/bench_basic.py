@@ -108,11 +108,6 @@ def _floor(models):
     return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *models)
 
 
-@jax.jit
-def _floor_base(base, models):
-    return jax.tree.map(lambda b, *xs: sum(xs, b), base, *models)
-
-
 def _floor_of(case: str) -> str:
     """The floor a case is compared with: the one that reads the same trees."""
     return "floor_base" if case.startswith(("task_arithmetic", "floor_base")) else "floor"
@@ -125,7 +120,7 @@ def case_calls(name: str, base, models, scale: float
     if name == "floor":
         return lambda: _floor(models), [], k
     if name == "floor_base":
-        return lambda: _floor_base(base, models), [], k + 1
+        return lambda: benchlib.floor_base(base, models), [], k + 1
     check = not name.endswith("_nocheck")
     if name.startswith("linear"):
         w1 = [1.0 + i for i in range(k)]

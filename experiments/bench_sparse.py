@@ -81,17 +81,12 @@ def config() -> dict[str, Any]:
                 settle_s=_SETTLE_S.value)
 
 
-@jax.jit
-def _floor_base(base, models):
-    return jax.tree.map(lambda b, *xs: sum(xs, b), base, *models)
-
-
 def case_calls(name: str, base, models, scale: float
                ) -> tuple[Callable[[], Any], list[tuple[str, Callable[[], Any]]], int]:
     """``(timed call, [(label, call with a new coefficient)], trees read)``."""
     k = len(models)
     if name == "floor_base":
-        return lambda: _floor_base(base, models), [], k + 1
+        return lambda: benchlib.floor_base(base, models), [], k + 1
     if name == "task_arithmetic":
         return (lambda: mergejax.task_arithmetic(base, models, scale=scale),
                 [(f"scale={scale + 0.2:g}",
@@ -153,9 +148,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       f"{r['peak_rss'] / GB:.2f}", f"{r['extra_first_call_models']:.2f}",
                       str(r["new_coefficient_recompiles"]),
                       f"<= {target:g}x: {'yes' if met else 'NO'}" if target else "-"))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+    return benchlib.format_table(header, lines)
 
 
 LEGEND = """\

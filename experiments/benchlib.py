@@ -68,6 +68,27 @@ def vit_spec(params_millions: float, width: int) -> tuple[tuple[str, tuple[int, 
     return tuple(spec)
 
 
+def clip_vit_spec(width: int = 768, depth: int = 12, patch: int = 32, image: int = 224,
+                  embed_dim: int = 512) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(path, shape)`` of CLIP's vision tower (ViT-B/32 by default, 87.8M parameters)
+    in Flax orientation: the shapes FusionBench's timings in ../shared/baselines.md were
+    taken on (its fused ``in_proj`` is one ``(width, 3 * width)`` kernel)."""
+    d, mlp = width, 4 * width
+    spec = [("conv1/kernel", (patch, patch, 3, d)), ("class_embedding", (d,)),
+            ("positional_embedding", ((image // patch) ** 2 + 1, d)),
+            ("ln_pre/scale", (d,)), ("ln_pre/bias", (d,))]
+    block = [("ln_1/scale", (d,)), ("ln_1/bias", (d,)),
+             ("attn/in_proj/kernel", (d, 3 * d)), ("attn/in_proj/bias", (3 * d,)),
+             ("attn/out_proj/kernel", (d, d)), ("attn/out_proj/bias", (d,)),
+             ("ln_2/scale", (d,)), ("ln_2/bias", (d,)),
+             ("mlp/c_fc/kernel", (d, mlp)), ("mlp/c_fc/bias", (mlp,)),
+             ("mlp/c_proj/kernel", (mlp, d)), ("mlp/c_proj/bias", (d,))]
+    for i in range(depth):
+        spec += [(f"blocks/{i}/{p}", s) for p, s in block]
+    spec += [("ln_post/scale", (d,)), ("ln_post/bias", (d,)), ("proj", (d, embed_dim))]
+    return tuple(spec)
+
+
 def _nest(flat: dict[str, jax.Array]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -118,7 +139,10 @@ def make_inputs(cfg: dict[str, Any]) -> tuple[Any, list[Any], dict[str, Any]]:
     jit over all the leaves compiles for tens of seconds and keeps hundreds of MB of
     compiler memory; one jit per shape making a leaf and its K copies compiles slower.)
     """
-    spec = vit_spec(cfg["params_millions"], cfg["width"])
+    if cfg.get("layout") == "clip":
+        spec = clip_vit_spec(cfg["width"], cfg.get("depth", 12))
+    else:
+        spec = vit_spec(cfg["params_millions"], cfg["width"])
     k_models = cfg["num_models"]
     groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for path, shape in spec:
@@ -308,6 +332,20 @@ def run_in_subprocess(module: str, name: str, flags: list[str],
         import json  # pylint: disable=import-outside-toplevel
         with open(result_file) as f:
             return json.load(f)
+
+
+@jax.jit
+def floor_base(base, models):
+    """The memory floor of a merge reading base + K models and writing one:
+    ``base + sum_k models[k]`` per leaf, the simplest jitted expression that does it."""
+    return jax.tree.map(lambda b, *xs: sum(xs, b), base, *models)
+
+
+def format_table(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
 def machine_info(mmap_threshold: int = -1) -> dict[str, Any]:
