@@ -192,7 +192,7 @@ class MergeMethod:
     max_models: int | None = None
     statistics: tuple[Callable[..., Any], ...] = ()
     validate: Callable[..., None] | None = None
-    batched: bool = False
+    batched: bool | Callable[..., Any] = False
 
     def __call__(self, base: PyTree | None, models: Sequence[PyTree], *,
                  key: jax.Array | None = None, out_dtype: Any = None,
@@ -371,7 +371,10 @@ def _batched_kernels(method: MergeMethod, plan, out_dtypes, inputs, keys, stats,
     groups: dict[Any, list[int]] = {}
     for j, ((path, static), out_dtype) in enumerate(zip(plan, out_dtypes)):
         _, base, xs, _ = inputs[j]
-        groups.setdefault((xs[0].shape, xs[0].dtype.name, static, out_dtype), []).append(j)
+        key = (xs[0].shape, xs[0].dtype.name, static, out_dtype)
+        if callable(method.batched):
+            key += (method.batched(path, xs[0].shape, dict(static)),)
+        groups.setdefault(key, []).append(j)
     outs: list[Any] = [None] * len(inputs)
     for members in groups.values():
         path, base, xs, hp = inputs[members[0]]
@@ -403,7 +406,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
              uses_key: bool | str = False,
              min_models: int = 1, max_models: int | None = None,
              statistics: Sequence[Callable[..., Any]] = (),
-             validate: Callable[..., None] | None = None, batched: bool = False,
+             validate: Callable[..., None] | None = None,
+             batched: bool | Callable[..., Any] = False,
              register: bool = True) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
     """Decorator: turns a leaf kernel into a `MergeMethod`, registered unless
     ``register=False`` (for a private method used only by its own code).
@@ -426,7 +430,10 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
     ``batched=True`` runs the kernel `jax.vmap`-ed over groups of same-shaped leaves with
     equal static hyperparameters (for kernels dominated by per-leaf linear algebra such
     as SVDs, whose batched form is one call); the kernel must then be vmappable and use
-    ``ctx.path`` only in messages. It costs one copy of each group's inputs.
+    ``ctx.path`` only in messages. A function ``batched(path, shape, static_hparams) ->
+    hashable`` also splits groups by its value, for kernels that decide something from
+    the path (`mergejax.methods.matrices.batch_key`: which leaves are matrices). It costs
+    one copy of each group's inputs.
     """
 
     def wrap(kernel: Callable[..., jax.Array]) -> MergeMethod:

@@ -277,3 +277,15 @@ def test_batched_kernels_equal_leaf_by_leaf_and_trace_once_per_group():
     _KERNEL_TRACES.clear()
     _batched(base, models, key=key, scale=0.1, shift=shift)
     assert not _KERNEL_TRACES
+    # A batch key splits groups further: blocks/0/w now runs alone.
+    by_key = mergejax.leafwise(
+        "test_polar_keyed", family="test", paper="-", coefficients=("scale",), uses_key=True,
+        batched=lambda path, shape, static: path.startswith("blocks/0"),
+        register=False)(_polar_noise)
+    _KERNEL_TRACES.clear()
+    got = by_key(base, models, key=key, scale=0.5, shift=shift)
+    assert len(_KERNEL_TRACES) == 5 and "blocks/0/w" in _KERNEL_TRACES
+    np.testing.assert_allclose(np.asarray(got["blocks"]["1"]["w"]),
+                               np.asarray(_one_by_one(base, models, key=key, scale=0.5,
+                                                      shift=shift)["blocks"]["1"]["w"]),
+                               rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ from mergejax.tree import MergeError
 
 __all__ = [
     "as_matrix",
+    "batch_key",
     "check_layout",
     "check_matrix_split",
     "from_torch_view",
@@ -66,6 +67,13 @@ def matrix_split(path: str, shape: Sequence[int], split: Any) -> int | None:
         raise MergeError(f"matrix_split at '{path}' must be 'auto', None or an int in "
                          f"[1, {len(shape) - 1}] for shape {tuple(shape)}, got {split!r}")
     return split
+
+
+def batch_key(path: str, shape: Sequence[int], static: dict[str, Any]) -> int | None:
+    """For ``leafwise(batched=batch_key)``: leaves batched together must agree on their
+    matrix split (``"auto"`` decides from the path, and a batched kernel sees only the
+    first leaf's path)."""
+    return matrix_split(path, shape, static.get("matrix_split", "auto"))
 
 
 def check_matrix_split(paths: Sequence[str], statics: Sequence[dict[str, Any]],
