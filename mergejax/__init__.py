@@ -13,6 +13,18 @@ from mergejax.learned.localize import (
     learn_masks,
     localize_and_stitch,
 )
+from mergejax.lora import (
+    LoraFactors,
+    LoraHubResult,
+    from_peft,
+    lora_combine,
+    lora_concat,
+    lora_delta,
+    lora_merge,
+    lora_svd,
+    lorahub,
+    to_peft,
+)
 from mergejax.method import LeafContext, MergeMethod, StatisticsPass, leaf_key, leafwise
 from mergejax.methods.basic import (
     karcher,
@@ -24,7 +36,28 @@ from mergejax.methods.basic import (
     slerp,
     task_arithmetic,
 )
+from mergejax.methods.datafree import (
+    AWDResult,
+    WudiQuadratic,
+    awd,
+    awd_disentangle,
+    wudi,
+    wudi_quadratic,
+)
+from mergejax.methods.decomposition import (
+    FreeMergeExperts,
+    free_merging,
+    free_merging_experts,
+    frequency_mask,
+    widen,
+)
 from mergejax.methods.masking import ModulatedMerge, emr, model_tailor, pcb, sce, stitch
+from mergejax.methods.projection import (
+    doge,
+    dop,
+    min_norm_weights,
+    shared_subspace,
+)
 from mergejax.methods.soups import GreedySoupResult, greedy_soup, greedy_soup_search
 from mergejax.methods.sparse import (
     breadcrumbs,
@@ -65,6 +98,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "apply_task_vector",
+    "awd",
+    "awd_disentangle",
+    "AWDResult",
     "breadcrumbs",
     "breadcrumbs_ties",
     "check_compatible",
@@ -74,8 +110,15 @@ __all__ = [
     "darex",
     "della",
     "della_linear",
+    "doge",
+    "dop",
     "emr",
     "flatten_with_paths",
+    "free_merging",
+    "free_merging_experts",
+    "FreeMergeExperts",
+    "frequency_mask",
+    "from_peft",
     "get_method",
     "greedy_soup",
     "greedy_soup_search",
@@ -94,11 +137,20 @@ __all__ = [
     "LocalizationResult",
     "localize_and_stitch",
     "localize_stitch",
+    "lora_combine",
+    "lora_concat",
+    "lora_delta",
+    "lora_merge",
+    "lora_svd",
+    "LoraFactors",
+    "lorahub",
+    "LoraHubResult",
     "magmax",
     "merge",
     "MergeError",
     "MergeMethod",
     "metagpt",
+    "min_norm_weights",
     "model_stock",
     "model_tailor",
     "ModulatedMerge",
@@ -109,6 +161,7 @@ __all__ = [
     "pcb",
     "register",
     "sce",
+    "shared_subspace",
     "slerp",
     "sparse_merge",
     "stack_trees",
@@ -119,9 +172,14 @@ __all__ = [
     "task_vector",
     "task_vectors",
     "ties",
+    "to_peft",
     "tree_add",
     "tree_scale",
     "tree_sub",
     "tree_weighted_sum",
     "unstack_tree",
+    "widen",
+    "wudi",
+    "wudi_quadratic",
+    "WudiQuadratic",
 ]

@@ -1,4 +1,5 @@
-"""Merges that learn from data: masks, coefficients or routers trained with a loss.
+"""Merges that learn from data: masks, coefficients or routers trained with a loss, and
+the gradient-free search they share (`cma_es`, used by `mergejax.lorahub`).
 
 Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
 
@@ -9,7 +10,7 @@ Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
                                  [batches_a, batches_b], steps=200)
 """
 
-from mergejax.learned import localize
+from mergejax.learned import localize, search
 from mergejax.learned.localize import (
     LocalizationResult,
     init_logits,
@@ -19,8 +20,14 @@ from mergejax.learned.localize import (
     masked_params,
     sparsity_penalty,
 )
+from mergejax.learned.search import CMAES, SearchResult, ask_tell_loop, cma_es
 
 __all__ = [
+    "CMAES",
+    "SearchResult",
+    "ask_tell_loop",
+    "cma_es",
+    "search",
     "LocalizationResult",
     "init_logits",
     "learn_masks",

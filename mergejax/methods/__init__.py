@@ -1,5 +1,13 @@
 """Merge methods, one module per family; each registers itself on import."""
 
-from mergejax.methods import basic, masking, soups, sparse
+from mergejax.methods import (
+    basic,
+    datafree,
+    decomposition,
+    masking,
+    projection,
+    soups,
+    sparse,
+)
 
-__all__ = ["basic", "masking", "soups", "sparse"]
+__all__ = ["basic", "datafree", "decomposition", "masking", "projection", "soups", "sparse"]
