@@ -74,6 +74,14 @@ from mergejax.methods.sparse import (
     tall_masks,
     ties,
 )
+from mergejax.methods.subspace import (
+    OPCMState,
+    ho_gsvd,
+    knots,
+    opcm,
+    opcm_init,
+    opcm_update,
+)
 from mergejax.registry import get_method, list_methods, merge, register
 from mergejax.rules import LayerGradient, PathRules, layer_index
 from mergejax.tree import (
@@ -123,8 +131,10 @@ __all__ = [
     "greedy_soup",
     "greedy_soup_search",
     "GreedySoupResult",
+    "ho_gsvd",
     "is_float",
     "karcher",
+    "knots",
     "layer_index",
     "LayerGradient",
     "leaf_key",
@@ -156,6 +166,10 @@ __all__ = [
     "ModulatedMerge",
     "multislerp",
     "nearswap",
+    "opcm",
+    "opcm_init",
+    "opcm_update",
+    "OPCMState",
     "path_str",
     "PathRules",
     "pcb",

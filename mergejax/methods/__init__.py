@@ -8,6 +8,8 @@ from mergejax.methods import (
     projection,
     soups,
     sparse,
+    subspace,
 )
 
-__all__ = ["basic", "datafree", "decomposition", "masking", "projection", "soups", "sparse"]
+__all__ = ["basic", "datafree", "decomposition", "masking", "projection", "soups", "sparse",
+           "subspace"]
