@@ -142,7 +142,7 @@ def _is_number(x: Any) -> bool:
 
 
 @leafwise("wudi", family="datafree", paper=WUDI_PAPER, coefficients=("scale",),
-          validate=_check_wudi, batched=matrices.batch_key)
+          validate=_check_wudi, batched=matrices.LAPACK_BATCHED)
 def wudi(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
          form: str = "gradient", iterations: int = 300, lr: float = 1e-5,
          omega: float | None = None, kernel_layout: str = "in_out",

@@ -17,27 +17,42 @@ usually the plain average or task arithmetic, applies). ``"auto"`` (the default)
 distinguish the input side (WUDI's ``tau tau^T`` Gram) take ``kernel_layout="in_out"`` (Flax,
 default) or ``"out_in"`` (PyTorch) and work on `torch_view`, so both layouts give the same
 (transposed) result. Purely spectral methods (TSV, ISO) commute with transposition anyway.
+
+**Batched decompositions.** jaxlib before 0.11.2 runs a batched LAPACK call (SVD, eigh,
+Cholesky) by handing the batch to XLA:CPU's intra-op thread pool and blocking a pool thread
+until it is done, so as many concurrent batched calls as pool threads deadlock (measured
+here: a 2-core machine's merge hangs intermittently). With such a jaxlib (`SERIAL_LAPACK`),
+the decompositions below make one unbatched call per matrix, and methods that decompose
+pass ``batched=LAPACK_BATCHED`` (False then) so the engine does not `jax.vmap` them back
+into batched calls.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from mergejax.tree import MergeError
 
 __all__ = [
+    "LAPACK_BATCHED",
+    "SERIAL_LAPACK",
     "as_matrix",
     "batch_key",
     "check_layout",
     "check_matrix_split",
+    "cholesky",
+    "eigh",
     "from_torch_view",
+    "inv",
     "matrix_split",
+    "per_matrix",
     "polar",
     "svd",
     "top_singular",
@@ -49,6 +64,14 @@ Array = jax.Array
 _ATTENTION_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
 _ATTENTION_OUT = re.compile(r"(^|/)out/kernel$")
 LAYOUTS = ("in_out", "out_in")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+#: Whether batched LAPACK calls must be split into one call per matrix (module docstring).
+SERIAL_LAPACK = _version(jaxlib.version.__version__) < (0, 11, 2)
 
 
 def matrix_split(path: str, shape: Sequence[int], split: Any) -> int | None:
@@ -74,6 +97,11 @@ def batch_key(path: str, shape: Sequence[int], static: dict[str, Any]) -> int | 
     matrix split (``"auto"`` decides from the path, and a batched kernel sees only the
     first leaf's path)."""
     return matrix_split(path, shape, static.get("matrix_split", "auto"))
+
+
+#: ``leafwise(batched=LAPACK_BATCHED)`` for methods whose kernels decompose matrices:
+#: `batch_key` where batched LAPACK calls are safe, else False (no engine batching).
+LAPACK_BATCHED = False if SERIAL_LAPACK else batch_key
 
 
 def check_matrix_split(paths: Sequence[str], statics: Sequence[dict[str, Any]],
@@ -112,11 +140,41 @@ def from_torch_view(m: Array, layout: str) -> Array:
     return torch_view(m, layout)
 
 
+def per_matrix(fn: Callable[..., Any], *arrays: Array) -> Any:
+    """``fn`` of the matrices (last two axes) of ``arrays``, which share their leading axes:
+    one batched call, or with `SERIAL_LAPACK` one call per matrix, stacked back."""
+    lead = arrays[0].shape[:-2]
+    if not (SERIAL_LAPACK and lead):
+        return fn(*arrays)
+    flat = [a.reshape(-1, *a.shape[-2:]) for a in arrays]
+    outs = [fn(*(a[i] for a in flat)) for i in range(flat[0].shape[0])]
+    return jax.tree.map(lambda *o: jnp.stack(o).reshape(*lead, *o[0].shape), *outs)
+
+
+def _svd(m: Array) -> tuple[Array, Array, Array]:
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    return u, s, jnp.swapaxes(vt, -1, -2)
+
+
 def svd(m: Array) -> tuple[Array, Array, Array]:
     """Thin SVD ``m = U diag(S) V^T`` over the last two axes (batched over the others),
     singular values descending. Returns ``(U, S, V)`` with V, not V^T."""
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    return u, s, jnp.swapaxes(vt, -1, -2)
+    return per_matrix(_svd, m)
+
+
+def eigh(m: Array) -> tuple[Array, Array]:
+    """``jnp.linalg.eigh`` over the last two axes (ascending eigenvalues), `per_matrix`."""
+    return per_matrix(jnp.linalg.eigh, m)
+
+
+def cholesky(m: Array) -> Array:
+    """Lower Cholesky factor over the last two axes, `per_matrix`."""
+    return per_matrix(jnp.linalg.cholesky, m)
+
+
+def inv(m: Array) -> Array:
+    """Matrix inverse over the last two axes, `per_matrix`."""
+    return per_matrix(jnp.linalg.inv, m)
 
 
 def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array, Array]:
@@ -140,7 +198,7 @@ def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array
         raise MergeError(f"solver must be 'svd' or 'gram', got {solver!r}")
     mt = jnp.swapaxes(m, -1, -2)
     small, other = (mt @ m, m) if p >= q else (m @ mt, mt)
-    w, vecs = jnp.linalg.eigh(small)
+    w, vecs = eigh(small)
     w, vecs = w[..., ::-1][..., :r], vecs[..., ::-1][..., :r]
     s = jnp.sqrt(jnp.maximum(w, 0.0))
     far = (other @ vecs) / jnp.where(s > 0, s, 1.0)[..., None, :]

@@ -125,7 +125,7 @@ def _consensus(ctx: LeafContext, values: tuple[Array, ...], rank: int | Array, *
 @leafwise("knots", family="spectral",
           paper="Stoica et al. 2024, Model merging with SVD to tie the KnOTS (arXiv 2410.19735)",
           coefficients=("scale",), uses_key="optional", validate=_check_knots,
-          batched=matrices.batch_key)
+          batched=matrices.LAPACK_BATCHED)
 def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
           merge: str = "ties", density: float | None = None, elect: str = "mass",
           disjoint: str = "mean", topk: str = "fusionbench", rank: int | None = None,
@@ -245,11 +245,11 @@ def ho_gsvd_factors(d: Array, pi: float = 1e-3, ridge: float = 1e-6
     g = jnp.einsum("kpi,kpj->ij", d, d)
     delta = ridge * jnp.trace(g) / n
     delta = jnp.where(delta > 0, delta, 1.0)
-    lower = jnp.linalg.cholesky(g + delta * eye)  # G = L L^T, R = L^T
+    lower = matrices.cholesky(g + delta * eye)  # G = L L^T, R = L^T
     q = solve_triangular(lower, d.reshape(k * p, n).T, lower=True).T.reshape(k, p, n)
     grams = jnp.einsum("kpi,kpj->kij", q, q)
-    t = jnp.mean(jnp.linalg.inv(grams + pi * eye), axis=0)
-    tau, z = jnp.linalg.eigh((t + t.T) / 2)
+    t = jnp.mean(matrices.inv(grams + pi * eye), axis=0)
+    tau, z = matrices.eigh((t + t.T) / 2)
     tau_max = (k - 1) / (k * pi) + 1 / (k * (1 + pi))
     tau_min = 1 / (1 / k + pi)
     iso = tau >= tau_max - _ISO_TOL * (tau_max - tau_min)
@@ -261,7 +261,7 @@ def ho_gsvd_factors(d: Array, pi: float = 1e-3, ridge: float = 1e-6
         far = jnp.arange(k + 1, k + 1 + n, dtype=d.dtype)
         owners = jnp.where(iso[:, None] & iso[None, :], owners, 0.0) + jnp.diag(
             jnp.where(iso, 0.0, far))
-        return z @ jnp.linalg.eigh(owners)[1]
+        return z @ matrices.eigh(owners)[1]
 
     z = jax.lax.cond(jnp.sum(iso) > 1, align, lambda z: z, z)
     b = q @ z
@@ -272,7 +272,7 @@ def ho_gsvd_factors(d: Array, pi: float = 1e-3, ridge: float = 1e-6
           paper="Ponnapalli et al. 2011 / Kempf et al. 2021, higher-order GSVD (arXiv "
                 "2102.09822); as a model-merging basis: Skorobogat et al. 2025, "
                 "Subspace-Boosted Model Merging (arXiv 2506.16506)",
-          coefficients=("scale",), validate=_check_ho_gsvd, batched=matrices.batch_key)
+          coefficients=("scale",), validate=_check_ho_gsvd, batched=matrices.LAPACK_BATCHED)
 def ho_gsvd(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
             merge: str = "participation", pi: float = 1e-3, ridge: float = 1e-6,
             kernel_layout: str = "in_out", matrix_split: Any = "auto") -> Array:
@@ -402,7 +402,7 @@ def _rescaled(base: Array, total: Array, mean_norm: Array, total_norm: Array) ->
           paper="Tang et al. 2025, Merging models on the fly without retraining: a sequential "
                 "approach to scalable continual model merging (arXiv 2501.09522)",
           coefficients=("alpha",), statistics=(_opcm_norms,), validate=_check_opcm,
-          batched=matrices.batch_key)
+          batched=matrices.LAPACK_BATCHED)
 def opcm(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, alpha=0.5,
          scope: str = "global", matrix_split: Any = "auto") -> Array:
     """OPCM: continual merging by orthogonal projection, models taken in the given order.
