@@ -74,6 +74,13 @@ from mergejax.methods.sparse import (
     tall_masks,
     ties,
 )
+from mergejax.methods.spectral import (
+    TaskSingularVectors,
+    iso_c,
+    iso_cts,
+    tsv_c,
+    tsv_m,
+)
 from mergejax.methods.subspace import (
     OPCMState,
     ho_gsvd,
@@ -133,6 +140,8 @@ __all__ = [
     "GreedySoupResult",
     "ho_gsvd",
     "is_float",
+    "iso_c",
+    "iso_cts",
     "karcher",
     "knots",
     "layer_index",
@@ -185,12 +194,15 @@ __all__ = [
     "task_arithmetic",
     "task_vector",
     "task_vectors",
+    "TaskSingularVectors",
     "ties",
     "to_peft",
     "tree_add",
     "tree_scale",
     "tree_sub",
     "tree_weighted_sum",
+    "tsv_c",
+    "tsv_m",
     "unstack_tree",
     "widen",
     "wudi",

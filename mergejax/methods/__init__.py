@@ -8,8 +8,9 @@ from mergejax.methods import (
     projection,
     soups,
     sparse,
+    spectral,
     subspace,
 )
 
 __all__ = ["basic", "datafree", "decomposition", "masking", "projection", "soups", "sparse",
-           "subspace"]
+           "spectral", "subspace"]
