@@ -30,6 +30,12 @@ PAPER_HPARAMS = {
     "pcb": {"density": 0.05, "clip": 0.01, "scale": 1.2},  # the official vision script
     "model_tailor": {"density": 0.1, "axis": 0, "scale": 0.3},
     "localize_stitch": {"density": 0.1},
+    # Spectral / data-free family: the functions' defaults are the papers' (see their
+    # docstrings); only what differs is listed.
+    "awd": {"scale": 0.3},  # task arithmetic on the disentangled vectors
+    "doge": {"scale": 0.07},  # FusionBench doge_ta.yaml: lambda_i = scale / ||tau_i||
+    "knots": {"merge": "ties", "density": 0.2, "scale": 0.6},  # official KnOTS-TIES config
+    "opcm": {"alpha": 0.5},  # FusionBench OPCMForCLIP
 }
 
 

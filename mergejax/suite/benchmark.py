@@ -50,6 +50,8 @@ def reference_rows(suite: Suite) -> list[Row]:
 
 
 def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
+    if getattr(method, "family", None) == "lora":
+        return "merges LoRA adapters; the suite's experts are full fine-tunes"
     max_models = getattr(method, "max_models", None)
     if max_models is not None and k > max_models:
         return f"takes at most {max_models} models"
