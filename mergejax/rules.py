@@ -25,6 +25,7 @@ from mergejax.tree import MergeError
 
 __all__ = [
     "DEFAULT_LAYER_PATTERN",
+    "is_finite_number",
     "LayerGradient",
     "PathRules",
     "layer_index",
@@ -107,6 +108,12 @@ class LayerGradient:
             return self.values[i0]
         return (1.0 - frac) * self.values[i0] + frac * self.values[i1]
 
+
+
+def is_finite_number(x: Any) -> bool:
+    """Whether a static hyperparameter is a finite real number (int or float, not bool):
+    what validators check before comparing it with a range."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 def layer_index(path: str, pattern: str = DEFAULT_LAYER_PATTERN) -> int | None:
     """The layer index named in ``path`` by ``pattern``'s first group, or None."""

@@ -16,7 +16,6 @@ task vectors alone.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +28,7 @@ from jax import lax
 from mergejax import registry
 from mergejax.method import LeafContext, leafwise
 from mergejax.methods import matrices
+from mergejax.rules import is_finite_number
 from mergejax.tree import (
     MergeError,
     PyTree,
@@ -124,12 +124,12 @@ def _check_wudi(paths: list[str], statics: list[dict]) -> None:
         form, omega, iterations, lr = hp["form"], hp["omega"], hp["iterations"], hp["lr"]
         if form not in WUDI_DEFAULT_OMEGA:
             raise MergeError(f"form at '{path}' must be 'gradient' or 'closed', got {form!r}")
-        if omega is not None and (not _is_number(omega) or not omega >= 0):
+        if omega is not None and (not is_finite_number(omega) or not omega >= 0):
             raise MergeError(f"omega at '{path}' must be a number >= 0 (or None for the "
                              f"form's default), got {omega!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise MergeError(f"iterations at '{path}' must be an int >= 0, got {iterations!r}")
-        if not _is_number(lr) or not lr > 0:
+        if not is_finite_number(lr) or not lr > 0:
             raise MergeError(f"lr at '{path}' must be a number > 0, got {lr!r}")
         if hp["non_matrix"] not in ("mean", "base"):
             raise MergeError(f"non_matrix at '{path}' must be 'mean' or 'base', got "
@@ -137,8 +137,6 @@ def _check_wudi(paths: list[str], statics: list[dict]) -> None:
         matrices.check_layout(hp["kernel_layout"], path)
 
 
-def _is_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @leafwise("wudi", family="datafree", paper=WUDI_PAPER, coefficients=("scale",),
@@ -313,9 +311,9 @@ def _check_awd(models: Sequence[PyTree], base: PyTree, alpha: Any, lr: Any, step
         raise MergeError(f"awd needs at least 2 models (its loss is over pairs of task "
                          f"vectors), got {len(models)}")
     check_compatible(base, models)
-    if not _is_number(alpha) or not alpha >= 0:
+    if not is_finite_number(alpha) or not alpha >= 0:
         raise MergeError(f"awd: alpha must be a number >= 0, got {alpha!r}")
-    if not _is_number(lr) or not lr > 0:
+    if not is_finite_number(lr) or not lr > 0:
         raise MergeError(f"awd: lr must be a number > 0, got {lr!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise MergeError(f"awd: steps must be an int >= 0, got {steps!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from mergejax import registry
 from mergejax import rules as rules_lib
 from mergejax.method import LeafContext, leafwise
 from mergejax.methods import matrices
+from mergejax.rules import is_finite_number
 from mergejax.tree import (
     MergeError,
     PyTree,
@@ -45,8 +45,6 @@ FREE_PAPER = ("Zheng & Wang 2024, FREE-Merging: Fourier Transform for Efficient 
               "Merging (arXiv 2411.16815)")
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ------------------------------------------------------------------------------ WIDEN
@@ -54,13 +52,13 @@ def _finite(x: Any) -> bool:
 
 def _check_widen(paths: list[str], statics: list[dict]) -> None:
     for path, s in zip(paths, statics):
-        if not (_finite(s["temperature"]) and s["temperature"] > 0):
+        if not (is_finite_number(s["temperature"]) and s["temperature"] > 0):
             raise MergeError(f"temperature must be a finite number > 0, got "
                              f"{s['temperature']!r} at '{path}'")
-        if not (_finite(s["above_average_value_ratio"]) and s["above_average_value_ratio"] >= 0):
+        if not (is_finite_number(s["above_average_value_ratio"]) and s["above_average_value_ratio"] >= 0):
             raise MergeError(f"above_average_value_ratio must be a finite number >= 0, got "
                              f"{s['above_average_value_ratio']!r} at '{path}'")
-        if not (_finite(s["score_calibration_value"]) and s["score_calibration_value"] >= 0):
+        if not (is_finite_number(s["score_calibration_value"]) and s["score_calibration_value"] >= 0):
             raise MergeError(f"score_calibration_value must be a finite number >= 0, got "
                              f"{s['score_calibration_value']!r} at '{path}'")
         matrices.check_layout(s["kernel_layout"], path)
@@ -195,10 +193,10 @@ def frequency_mask(shape: tuple[int, int], filter_ratio: float | None = 0.7,
 def _check_free(paths: list[str], statics: list[dict]) -> None:
     for path, s in zip(paths, statics):
         ratio = s["filter_ratio"]
-        if ratio is not None and not (_finite(ratio) and ratio > 0):
+        if ratio is not None and not (is_finite_number(ratio) and ratio > 0):
             raise MergeError(f"filter_ratio must be None or a finite number > 0, got "
                              f"{ratio!r} at '{path}'")
-        if not (_finite(s["cutoff"]) and s["cutoff"] >= 0):
+        if not (is_finite_number(s["cutoff"]) and s["cutoff"] >= 0):
             raise MergeError(f"cutoff must be a finite number >= 0, got {s['cutoff']!r} "
                              f"at '{path}'")
         if not isinstance(s["align"], bool):
@@ -442,7 +440,7 @@ def free_merging_experts(base: PyTree, models: Sequence[PyTree], *, weights=None
     if base is None:
         raise MergeError("free_merging_experts needs a base (pretrained) model; got base=None")
     check_compatible(base, models)
-    if not (_finite(density) and 0.0 < density <= 1.0):
+    if not (is_finite_number(density) and 0.0 < density <= 1.0):
         raise MergeError(f"density must be in (0, 1], got {density!r}")
     if not isinstance(rescale, bool):
         raise MergeError(f"rescale must be True or False, got {rescale!r}")

@@ -32,6 +32,7 @@ from jax import lax
 
 from mergejax.method import LeafContext, StatisticsPass, leafwise
 from mergejax.methods import matrices, stages
+from mergejax.rules import is_finite_number
 from mergejax.tree import MergeError
 
 __all__ = ["doge", "dop", "min_norm_weights", "shared_subspace"]
@@ -185,8 +186,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 def _check_choice(path: str, name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -203,7 +202,7 @@ def _check_doge(paths: list[str], statics: list[dict]) -> None:
     for path, s in zip(paths, statics):
         _check_steps(path, s["steps"])
         subspace = s["subspace"]
-        if not (_is_number(subspace) and subspace >= 1 and not math.isnan(subspace)):
+        if not (is_finite_number(subspace) and subspace >= 1 and not math.isnan(subspace)):
             raise MergeError(f"subspace must be a number >= 1 (the shared subspace keeps "
                              f"min(p, q) / subspace directions), got {subspace!r} at "
                              f"'{path}'")
@@ -341,7 +340,7 @@ def _check_dop(paths: list[str], statics: list[dict]) -> None:
         _check_steps(path, s["steps"])
         for name in ("alpha", "ema_beta", "svd_epsilon"):
             value = s[name]
-            if not (_is_number(value) and 0.0 <= value <= 1.0):
+            if not (is_finite_number(value) and 0.0 <= value <= 1.0):
                 raise MergeError(f"{name} must be in [0, 1], got {value!r} at '{path}'")
         for name in ("mgda", "ema"):
             if not isinstance(s[name], bool):

@@ -41,6 +41,7 @@ from mergejax import registry
 from mergejax import rules as rules_lib
 from mergejax.method import LeafContext, leafwise
 from mergejax.methods import matrices
+from mergejax.rules import is_finite_number
 from mergejax.tree import (
     MergeError,
     PyTree,
@@ -66,12 +67,10 @@ SOLVERS = ("svd", "gram")
 # ---------------------------------------------------------------------------- helpers
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_reduction(path: str, value: Any) -> None:
-    if value is not None and not (_is_number(value) and 0 < value <= 1):
+    if value is not None and not (is_finite_number(value) and 0 < value <= 1):
         raise MergeError(f"sv_reduction must be None (1 / number of tasks) or a fraction in "
                          f"(0, 1], got {value!r} at '{path}'")
 
@@ -92,7 +91,7 @@ def _check_spectral(paths: list[str], statics: list[dict]) -> None:
             _check_solver(path, s["solver"])
         if "common_space_fraction" in s:
             f = s["common_space_fraction"]
-            if not (_is_number(f) and 0 <= f <= 1):
+            if not (is_finite_number(f) and 0 <= f <= 1):
                 raise MergeError(f"common_space_fraction must be in [0, 1], got {f!r} "
                                  f"at '{path}'")
         if "kernel_layout" in s:
@@ -480,12 +479,19 @@ def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1
     views = [matrices.torch_view(matrices.as_matrix(t, split), kernel_layout) for t in taus]
     common, per_task = iso_cts_sizes(min(views[0].shape), len(models), common_space_fraction,
                                      ctx.path)
-    u, s, v = matrices.svd(functools.reduce(jnp.add, views))
-    u, s, v = u[:, :common], s[:common], v[:, :common]
+    u_all, s, v = matrices.svd(functools.reduce(jnp.add, views))
+    u, s, v = u_all[:, :common], s[:common], v[:, :common]
     if per_task:
         stack = jnp.stack(views)
-        specific = stack - u @ (_t(u) @ stack)
-        ut, st, vt = _top(specific, per_task, solver)
+        if u_all.shape[0] == u_all.shape[1]:
+            # U is square: the complement of U_c is U's other columns, and the projected
+            # matrix is rest (rest^T tau): decompose the small factor (its rank is exactly
+            # that of the projection, where an SVD of the full matrix can fail to converge).
+            rest = u_all[:, common:]
+            ut, st, vt = _top(_t(rest) @ stack, per_task, solver)
+            ut = rest @ ut
+        else:
+            ut, st, vt = _top(stack - u @ (_t(u) @ stack), per_task, solver)
         u = jnp.concatenate([_concat_tasks(ut), u], axis=-1)
         v = jnp.concatenate([_concat_tasks(vt), v], axis=-1)
         s = jnp.concatenate([st.reshape(-1), s])
