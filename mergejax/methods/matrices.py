@@ -6,7 +6,8 @@ an int ``s`` views a leaf of shape ``(d0, ..., dn)`` as the matrix
 ``(d0*...*d{s-1}, ds*...*dn)``; None means "not a matrix" (the method's documented fallback,
 usually the plain average or task arithmetic, applies). ``"auto"`` (the default) is:
 
-* 2-D leaves: split 1 (a Dense kernel, an embedding table, a positional table);
+* 2-D leaves: split 1 (a Dense kernel, an embedding table, a positional table), except
+  leaves named ``bias`` or ``scale`` (Flax attention biases are ``(heads, head_dim)``);
 * 3-D Flax attention kernels (``MultiHeadDotProductAttention`` / ``DenseGeneral``):
   ``.../query|key|value/kernel`` ``(d, heads, head_dim)`` split 1, ``.../out/kernel``
   ``(heads, head_dim, d)`` split 2, i.e. the (in, out) matrix of the fused projection;
@@ -64,6 +65,8 @@ Array = jax.Array
 _ATTENTION_IN = re.compile(r"(^|/)(query|key|value)/kernel$")
 _ATTENTION_OUT = re.compile(r"(^|/)out/kernel$")
 LAYOUTS = ("in_out", "out_in")
+#: Leaf names that "auto" never treats as matrices (Flax attention biases are 2-D).
+_NEVER_MATRICES = frozenset({"bias", "scale"})
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -79,6 +82,8 @@ def matrix_split(path: str, shape: Sequence[int], split: Any) -> int | None:
     if split is None:
         return None
     if split == "auto":
+        if path.rsplit("/", 1)[-1] in _NEVER_MATRICES:
+            return None
         if len(shape) == 2:
             return 1
         if len(shape) == 3 and _ATTENTION_IN.search(path):

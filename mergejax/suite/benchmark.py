@@ -22,6 +22,7 @@ from mergejax import registry
 from mergejax.method import REQUIRED
 from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
+from mergejax.tree import MergeError
 
 __all__ = ["backbones", "reference_rows", "run_method", "run_methods", "validation_score"]
 
@@ -118,5 +119,11 @@ def run_methods(suite: Suite, names: Sequence[str],
     rows = []
     for i, name in enumerate(names):
         logging.info("[%d/%d] %s", i + 1, len(names), name)
-        rows.append(run_method(suite, name, (hparams or {}).get(name), search))
+        try:
+            rows.append(run_method(suite, name, (hparams or {}).get(name), search))
+        except MergeError as e:  # a method that cannot merge these models: say why
+            logging.warning("%s failed: %s", name, e)
+            nan = float("nan")
+            rows.append(Row(name, {t: nan for t in suite.tasks}, average=nan,
+                            normalized=nan, note=f"failed: {e}"))
     return rows
