@@ -495,17 +495,22 @@ def lora_merge(adapters: Sequence[PyTree], method: str = "task_arithmetic", *,
         _refactor_all(dense, ranks=tuple(ranks), split=factors, clamp=clamp), leaves)
 
 
+def _dense_column(column: list[Any], weights: Array) -> Any:
+    """A leaf that is not a factor pair: passed through (integers), or the weighted sum of
+    the adapters' dense updates in the compute dtype, cast back."""
+    if _passes_through(column[0]):
+        return column[0]
+    cdt = _compute_dtype(column[0])
+    total = sum(weights[i].astype(cdt) * x.astype(cdt) for i, x in enumerate(column))
+    return total.astype(jnp.result_type(column[0]))
+
+
 @jax.jit
 def _concat_all(columns: list[list[Any]], weights: Array) -> list[Any]:
     out = []
     for column in columns:
-        if _passes_through(column[0]):
-            out.append(column[0])
-            continue
         if not _is_factors(column[0]):
-            cdt = _compute_dtype(column[0])
-            total = sum(weights[i].astype(cdt) * x.astype(cdt) for i, x in enumerate(column))
-            out.append(total.astype(jnp.result_type(column[0])))
+            out.append(_dense_column(column, weights))
             continue
         dtype = jnp.result_type(column[0].a)
         cdt = _compute_dtype(column[0].a)
@@ -583,13 +588,8 @@ def lora_svd(adapters: Sequence[PyTree], weights: Any = None, rank: Any = "max",
 def _combine_all(columns: list[list[Any]], weights: Array) -> list[Any]:
     out = []
     for column in columns:
-        if _passes_through(column[0]):
-            out.append(column[0])
-            continue
         if not _is_factors(column[0]):
-            cdt = _compute_dtype(column[0])
-            total = sum(weights[i].astype(cdt) * x.astype(cdt) for i, x in enumerate(column))
-            out.append(total.astype(jnp.result_type(column[0])))
+            out.append(_dense_column(column, weights))
             continue
         dtype = jnp.result_type(column[0].a)
         cdt = _compute_dtype(column[0].a)
