@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
 import mergejax
 from experiments import benchlib
@@ -140,19 +139,10 @@ def main(argv: list[str]) -> None:
         with open(_RESULT_FILE.value, "w") as f:
             json.dump(row, f)
         return
-    unknown = sorted(set(_CASES.value) - set(CASES))
-    if unknown:
-        raise app.UsageError(f"unknown cases {unknown}; choose from {CASES}")
-    rows = []
-    for name in (c for c in CASES if c in _CASES.value):
-        logging.info("running %s", name)
-        t0 = time.perf_counter()
-        rows.append(benchlib.run_in_subprocess(
-            "experiments.bench_spectral", name,
-            [f"--num_models={_NUM_MODELS.value}", f"--repeats={_REPEATS.value}",
-             f"--seed={_SEED.value}", "--quick" if _QUICK.value else "--noquick"]))
-        print(f"  {name}: best {rows[-1]['best_s']:.3f}s ({time.perf_counter() - t0:.1f}s "
-              "with setup and compile)", flush=True)
+    rows = benchlib.run_selected(CASES, _CASES.value, lambda name: benchlib.run_in_subprocess(
+        "experiments.bench_spectral", name,
+        [f"--num_models={_NUM_MODELS.value}", f"--repeats={_REPEATS.value}",
+         f"--seed={_SEED.value}", "--quick" if _QUICK.value else "--noquick"]))
     summarize(rows, cfg)
     model = rows[0]["model"]
     print(f"\n{model['params'] / 1e6:.1f}M float32 params per model (CLIP ViT layout, width "

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, logging
 
 import mergejax
 
@@ -339,6 +340,23 @@ def floor_base(base, models):
     """The memory floor of a merge reading base + K models and writing one:
     ``base + sum_k models[k]`` per leaf, the simplest jitted expression that does it."""
     return jax.tree.map(lambda b, *xs: sum(xs, b), base, *models)
+
+
+def run_selected(cases: tuple[str, ...], selected: list[str],
+                 run: Callable[[str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``run(name)`` for each case of ``cases`` named in ``selected`` (in ``cases``' order),
+    printing each one's best time; an unknown name is a usage error."""
+    unknown = sorted(set(selected) - set(cases))
+    if unknown:
+        raise app.UsageError(f"unknown cases {unknown}; choose from {cases}")
+    rows = []
+    for name in (c for c in cases if c in selected):
+        logging.info("running %s", name)
+        t0 = time.perf_counter()
+        rows.append(run(name))
+        print(f"  {name}: best {rows[-1]['best_s']:.3f}s ({time.perf_counter() - t0:.1f}s "
+              "with setup and compile)", flush=True)
+    return rows
 
 
 def format_table(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
