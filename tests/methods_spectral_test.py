@@ -162,17 +162,6 @@ def test_tsv_factors_are_orthonormal_and_keep_the_top_values():
 
 
 @pytest.mark.parametrize("solver", ["svd", "gram"])
-@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (5, 5)])
-def test_polar_factor(solver, shape):
-    a = np.random.default_rng(sum(shape)).standard_normal((2, *shape))
-    got = np.asarray(spectral.polar_factor(jnp.asarray(a, jnp.float32), solver=solver))
-    np.testing.assert_allclose(got, np.stack([np_polar(x) for x in a]), **F32)
-    np.testing.assert_allclose(spectral.polar_factor(jnp.array([[2.0, 0.0], [0.0, -3.0]]),
-                                                     solver=solver), [[1, 0], [0, -1]],
-                               atol=1e-6)
-
-
-@pytest.mark.parametrize("solver", ["svd", "gram"])
 def test_serial_and_batched_decompositions_agree(monkeypatch, solver):
     """SERIAL_LAPACK (old jaxlib) loops over the matrices; the batched path is one call."""
     taus = jnp.asarray(np.random.default_rng(16).standard_normal((2, 3, 6, 10)), jnp.float32)
@@ -385,8 +374,6 @@ def test_bad_inputs():
         spectral.tsv_c(base, models, sv_reduction=[("dense/kernel", 2.0), (".*", None)])
     with pytest.raises(MergeError, match=r"solver must be one of \('svd', 'gram'\), got 'qr'$"):
         spectral.tsv_c(base, models, solver="qr")
-    with pytest.raises(MergeError, match="got 'eig'$"):
-        spectral.polar_factor(jnp.eye(3), solver="eig")
     result = spectral.tsv_c(base, models)
     for t in (4, -1):
         with pytest.raises(MergeError, match=f"task index {t} out of range for 4 tasks"):

@@ -20,10 +20,12 @@ With jaxlib >= 0.11.2 same-shaped leaves (the identical blocks of a ViT) and the
 of a leaf share one batched decomposition (``batched=matrices.LAPACK_BATCHED``). Older
 jaxlib deadlocks XLA:CPU when batched decompositions run concurrently
 (`matrices.SERIAL_LAPACK`), so there every decomposition is one unbatched call per matrix.
-``solver="svd"`` (default) uses LAPACK's SVD everywhere, as the references. ``solver="gram"`` replaces every SVD by ``eigh`` of the smaller Gram matrix
-(`matrices.top_singular` for the top triplets, `polar_factor` for the orthogonalisations),
-2-4x cheaper on CPU; its error grows with the square of the condition number of what it
-decomposes (see `polar_factor`), so it is an opt-in for speed.
+``solver="svd"`` (default) uses LAPACK's SVD everywhere, as the references.
+``solver="gram"`` takes each task's top singular triplets from ``eigh`` of the smaller Gram
+matrix instead (`matrices.top_singular`; in `iso_c`, the polar factor of the summed matrix),
+2-3x cheaper on CPU, with an error of about ``eps * (s_1 / s_i)^2`` in a direction of
+singular value ``s_i``. The orthogonalisations of the concatenated singular vectors always
+use the SVD: those matrices are square when ``K r = min(p, q)`` and often ill-conditioned.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from mergejax.tree import (
     is_float,
 )
 
-__all__ = ["TaskSingularVectors", "iso_c", "iso_cts", "iso_cts_sizes", "polar_factor",
+__all__ = ["TaskSingularVectors", "iso_c", "iso_cts", "iso_cts_sizes",
            "tsv_c", "tsv_factors", "tsv_m", "tsv_rank"]
 
 Array = jax.Array
@@ -62,11 +64,7 @@ ISO_PAPER = ("Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging 
 SOLVERS = ("svd", "gram")
 
 
-
-
 # ---------------------------------------------------------------------------- helpers
-
-
 
 
 def _check_reduction(path: str, value: Any) -> None:
@@ -158,13 +156,6 @@ def _t(x: Array) -> Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-_per_matrix = matrices.per_matrix
-
-
-def _top(m: Array, r: int, solver: str) -> tuple[Array, Array, Array]:
-    return _per_matrix(lambda x: matrices.top_singular(x, r, solver=solver), m)
-
-
 def _reconstruct(u: Array, s: Array, v: Array) -> Array:
     """``u diag(s) v^T`` (batched)."""
     return (u * s[..., None, :]) @ _t(v)
@@ -178,49 +169,30 @@ def tsv_factors(taus: Array, r: int, *, solver: str = "svd") -> tuple[Array, Arr
     ``U = [U_1 .. U_K]``, ``S``, ``V``; ``U_o`` and ``V_o`` are the orthogonal polar factors
     of ``U`` and ``V`` (``P Q^T`` of their SVDs ``P diag Q^T``), so they have orthonormal
     columns when ``K r <= p`` (resp. ``q``). The merged task matrix is
-    ``U_o diag(S) V_o^T``. ``solver`` picks `matrices.top_singular`'s and `polar_factor`'s
-    algorithm (FusionBench: "svd").
+    ``U_o diag(S) V_o^T``. ``solver`` is `matrices.top_singular`'s (FusionBench: "svd");
+    the polar factors always come from an SVD.
 
     Example::
 
         u, s, v = tsv_factors(jnp.stack([tau_a, tau_b]), r=4)
         merged_tau = (u * s) @ v.T
     """
-    u, s, v = _top(taus, r, solver)
+    u, s, v = matrices.top_singular(taus, r, solver=solver)
     u_cat, v_cat = _concat_tasks(u), _concat_tasks(v)
     s_cat = s.reshape(*s.shape[:-2], -1)
-    return polar_factor(u_cat, solver=solver), s_cat, polar_factor(v_cat, solver=solver)
+    return matrices.polar(u_cat), s_cat, matrices.polar(v_cat)
 
 
 def _gram_polar(m: Array) -> tuple[Array, Array]:
-    """``(polar factor of m, eigenvalues of its smaller Gram matrix)`` from one ``eigh``;
-    eigenvalues are clamped from below at ``eps * max eigenvalue`` in the inverse square
-    root, so directions below float noise are not amplified."""
+    """``(polar factor of m, eigenvalues of its smaller Gram matrix)`` from one ``eigh``:
+    ``m (m^T m)^(-1/2)`` (``(m m^T)^(-1/2) m`` for a wide ``m``), eigenvalues clamped from
+    below at ``eps * max eigenvalue`` so that directions below float noise are not
+    amplified."""
     wide = m.shape[-2] < m.shape[-1]
     w, q = matrices.eigh(m @ _t(m) if wide else _t(m) @ m)
     floor = jnp.finfo(m.dtype).eps * jnp.max(w, axis=-1, keepdims=True)
     inverse_sqrt = (q * jax.lax.rsqrt(jnp.maximum(w, floor))[..., None, :]) @ _t(q)
     return (inverse_sqrt @ m if wide else m @ inverse_sqrt), w
-
-
-def polar_factor(m: Array, *, solver: str = "svd") -> Array:
-    """The orthogonal polar factor ``P Q^T`` of ``m = P diag Q^T`` (batched over leading axes).
-
-    ``solver="svd"`` is `matrices.polar` (LAPACK SVD, exact to float precision).
-    ``solver="gram"`` is ``m (m^T m)^(-1/2)`` (or ``(m m^T)^(-1/2) m`` for a wide ``m``)
-    from one ``eigh`` of the smaller Gram matrix, as the official TSV repository's
-    eigendecomposition variant (``TSVM_2``); the error in a direction of singular value
-    ``s_i`` is about ``eps * (s_1 / s_i)^2``, so it is accurate for well-conditioned ``m``
-    (the concatenated singular vectors of distinct tasks) and not for a steep spectrum.
-
-    Example::
-
-        q = polar_factor(jnp.array([[2.0, 0.0], [0.0, -3.0]]))  # [[1, 0], [0, -1]]
-    """
-    _check_solver("", solver)
-    if solver == "svd":
-        return _per_matrix(matrices.polar, m)
-    return _per_matrix(lambda x: _gram_polar(x)[0], m)
 
 
 def _stacked_matrices(taus: Sequence[Array], split: int) -> Array:
@@ -247,8 +219,9 @@ def tsv_m(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, weights=N
     and the official repository's ``TSVM``: ``scale`` is their float ``alpha`` (default 1),
     ``weights`` their per-task ``alpha`` list (multiplying the task vectors before the SVD);
     ``matrix_split=None`` for a path is FusionBench's ``exclude_keys``. ``solver="gram"``
-    takes the top triplets and the polar factors from ``eigh`` of Gram matrices (the
-    official ``TSVM_2`` orthogonalises this way; its top triplets come from an SVD).
+    takes the top triplets from ``eigh`` of the Gram matrix (not in the references; the
+    official ``TSVM_2`` variant uses ``eigh`` for the orthogonalisation instead, which
+    loses accuracy when ``K r = min(p, q)`` makes the concatenation square).
     A matrix with ``int(min(p, q) * sv_reduction) = 0`` is an error here; the references
     silently drop it.
 
@@ -338,7 +311,8 @@ def _compress(plan, solver, base_leaves, model_leaves):
         if split is None:
             out.append((None, None, None, jnp.stack(taus)))
         else:
-            out.append((*_top(_stacked_matrices(taus, split), r, solver), None))
+            out.append((*matrices.top_singular(_stacked_matrices(taus, split), r,
+                                               solver=solver), None))
     return out
 
 
@@ -420,8 +394,9 @@ def iso_c(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
     (danielm1405/iso-merging, which selects ``scale`` on validation data). The copy in the
     TSV repository's ``iso.py`` uses the *mean* of the task matrices, i.e. ``scale / K`` here.
     ``solver="gram"`` (not in the references) computes ``U V^T`` and ``S`` from ``eigh`` of
-    the Gram matrix of ``sum_t tau_t`` (`polar_factor`): faster, but Iso-C gives every
-    direction the same weight, so only use it when that matrix is well conditioned.
+    the Gram matrix of ``sum_t tau_t`` (``M (M^T M)^(-1/2)``): about 2.5x faster, with an
+    error of about ``eps * (s_1 / s_i)^2`` in the direction of ``s_i``; Iso-C weighs every
+    direction equally, so use it only when ``s_1 / s_min`` is moderate (< ~100).
 
     Example::
 
@@ -466,7 +441,7 @@ def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1
     Matches FusionBench ``ISO_CTS_Merge`` (``scaling_factor`` is ``scale``, config default
     1.0, documented ViT-B/32 8-task run 1.5; ``common_space_fraction`` default 0.8, as the
     official config). ``solver="gram"`` (not in the references) takes step 2's top triplets
-    and step 3's polar factors from ``eigh`` of Gram matrices (step 1 stays an SVD).
+    from ``eigh`` of the Gram matrix.
 
     Example::
 
@@ -488,12 +463,13 @@ def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1
             # matrix is rest (rest^T tau): decompose the small factor (its rank is exactly
             # that of the projection, where an SVD of the full matrix can fail to converge).
             rest = u_all[:, common:]
-            ut, st, vt = _top(_t(rest) @ stack, per_task, solver)
+            ut, st, vt = matrices.top_singular(_t(rest) @ stack, per_task, solver=solver)
             ut = rest @ ut
         else:
-            ut, st, vt = _top(stack - u @ (_t(u) @ stack), per_task, solver)
+            ut, st, vt = matrices.top_singular(stack - u @ (_t(u) @ stack), per_task,
+                                               solver=solver)
         u = jnp.concatenate([_concat_tasks(ut), u], axis=-1)
         v = jnp.concatenate([_concat_tasks(vt), v], axis=-1)
         s = jnp.concatenate([st.reshape(-1), s])
-    merged = jnp.mean(s) * (polar_factor(u, solver=solver) @ _t(polar_factor(v, solver=solver)))
+    merged = jnp.mean(s) * (matrices.polar(u) @ _t(matrices.polar(v)))
     return base + scale * matrices.from_torch_view(merged, kernel_layout).reshape(base.shape)
