@@ -378,6 +378,7 @@ def machine_info(mmap_threshold: int = -1) -> dict[str, Any]:
         backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
         device_kinds=sorted({d.device_kind for d in jax.devices()}),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS"),
         malloc_mmap_threshold=(mmap_threshold if mmap_threshold >= 0
                                else os.environ.get("MALLOC_MMAP_THRESHOLD_")))
 
