@@ -46,7 +46,7 @@ from mergejax.tree import (
 
 __all__ = ["REQUIRED", "LeafContext", "MergeMethod", "StatisticsPass", "leaf_key", "leafwise"]
 
-REQUIRED = inspect.Parameter.empty
+REQUIRED = registry.REQUIRED
 
 
 class LeafContext(NamedTuple):

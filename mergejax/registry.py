@@ -8,13 +8,14 @@ Scripts, configs and the checkpoint binary all reach methods through here::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from mergejax.tree import MergeError, PyTree
 
-__all__ = ["Method", "get_method", "list_methods", "merge", "register"]
+__all__ = ["FunctionMethod", "Method", "get_method", "list_methods", "merge", "register"]
 
 
 class Method(Protocol):
@@ -31,6 +32,59 @@ class Method(Protocol):
 
 
 _REGISTRY: dict[str, Method] = {}
+
+#: The default of a hyperparameter without one: the caller must give it.
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FunctionMethod:
+    """A registry entry for a merge written as a plain function
+    ``fn(base, models, *, <hyperparameters>)`` (the learned loops, which are not leaf
+    kernels). ``hparams`` are ``fn``'s keyword-only parameters with their defaults
+    (`REQUIRED` for those without); unknown and missing ones raise `MergeError`.
+    ``keeps`` says what the result holds besides one set of weights (for the suite's
+    table), or None.
+
+    Example::
+
+        def my_merge(base, models, *, scale=1.0): ...
+        registry.register(FunctionMethod("my_merge", my_merge, family="learned",
+                                         paper="arXiv 0000.00000"))
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    family: str
+    paper: str
+    needs_base: bool = True
+    uses_key: bool | str = False
+    keeps: str | None = None
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        sig = inspect.signature(self.fn)
+        object.__setattr__(self, "hparams", {
+            p.name: p.default for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "key"})
+        object.__setattr__(self, "__doc__", self.fn.__doc__)
+        object.__setattr__(self, "__signature__", sig)
+
+    def __call__(self, base: PyTree | None, models: Sequence[PyTree], **hparams: Any) -> Any:
+        accepted = set(self.hparams) | ({"key"} if self.uses_key else set())
+        unknown = sorted(set(hparams) - accepted)
+        if unknown:
+            raise MergeError(f"{self.name} got unknown hyperparameter(s) {unknown}; valid "
+                             f"ones are {sorted(accepted)}")
+        missing = sorted(n for n, v in self.hparams.items()
+                         if v is REQUIRED and n not in hparams)
+        if missing:
+            raise MergeError(f"{self.name} needs hyperparameter(s) {missing}")
+        if self.uses_key is True and hparams.get("key") is None:
+            raise MergeError(f"{self.name} is random: pass key=jax.random.key(seed)")
+        if self.needs_base and base is None:
+            raise MergeError(f"{self.name} needs a base (pretrained) model; got base=None")
+        return self.fn(base, models, **hparams)
 
 
 def register(method: Method) -> Method:
