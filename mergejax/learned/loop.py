@@ -1,0 +1,209 @@
+"""What the learned merges share: the calling convention, task batches, the entropy
+objective, and a checkpointed optax loop that stops cleanly on a NaN loss.
+
+**Calling convention** (AdaMerging, Surgery, WEMoE, Twin-Merging, ...)::
+
+    method(base, models, *, apply_fn, batches, heads=None, ...)
+
+* ``apply_fn(params, batch) -> outputs``: the user's model, any Flax/JAX function of a
+  parameter pytree and one batch (a pytree of arrays). Its outputs are the logits, or the
+  features that the per-task ``heads`` turn into logits.
+* ``heads``: None, or one callable per task ``head(outputs) -> logits`` (frozen
+  classification heads, as CLIP's zero-shot heads). `task_logits` applies them.
+* ``batches``: one iterator per task (same order as ``models``) yielding that task's
+  batches; each optimisation step draws one batch from every task (`TaskBatches`). Use
+  ``itertools.cycle`` (or an infinite ``tf.data``/grain pipeline) for more steps than
+  batches.
+
+Sharded params work unchanged: every step is one ``jax.jit`` of pure functions.
+
+**Checkpoints** (`optimize`): with ``checkpoint_dir`` the loop saves its state (the learned
+parameters, the optax state, the loss history) with orbax every ``checkpoint_every`` steps
+and at the end, and resumes from the latest checkpoint found there. On resume the first
+``step`` batches of every iterator are drawn and discarded, so a deterministic iterator
+gives exactly the trajectory of an uninterrupted run. A non-finite loss (or non-finite
+learned parameters) stops the loop with a `MergeError` naming the step and the last good
+checkpoint, which is never overwritten by the bad state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from mergejax.tree import MergeError, PyTree
+
+__all__ = [
+    "LoopResult",
+    "TaskBatches",
+    "check_heads",
+    "entropy",
+    "optimize",
+    "task_logits",
+]
+
+ApplyFn = Callable[[PyTree, Any], Any]
+Head = Callable[[Any], jax.Array]
+
+
+def check_heads(heads: Sequence[Head] | None, num_tasks: int, name: str) -> None:
+    """Raises `MergeError` unless ``heads`` is None or one callable per task."""
+    if heads is None:
+        return
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
+        raise MergeError(f"{name}: heads must be a sequence of callables (one per task), "
+                         f"got {type(heads).__name__}")
+    if len(heads) != num_tasks:
+        raise MergeError(f"{name}: got {len(heads)} heads for {num_tasks} models; give one "
+                         "head per task, in the models' order")
+    bad = [i for i, h in enumerate(heads) if not callable(h)]
+    if bad:
+        raise MergeError(f"{name}: heads {bad} are not callable (head(outputs) -> logits)")
+
+
+def task_logits(apply_fn: ApplyFn, heads: Sequence[Head] | None, params: PyTree, batch: Any,
+                task: int) -> jax.Array:
+    """Task ``task``'s logits: ``heads[task](apply_fn(params, batch))``, or
+    ``apply_fn(params, batch)`` without heads.
+
+    Example::
+
+        logits = task_logits(model_fn, heads, merged, images, 3)
+    """
+    outputs = apply_fn(params, batch)
+    return outputs if heads is None else heads[task](outputs)
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+    """Mean Shannon entropy (nats) of ``softmax(logits)`` over the last axis: AdaMerging's
+    test-time objective (Yang et al. 2024, arXiv 2310.02575, eq. 5).
+
+    Example::
+
+        entropy(jnp.zeros((4, 10)))   # log(10)
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                              axis=-1)
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+
+class TaskBatches:
+    """One batch per task per step from K iterators, with a clear error when one runs dry.
+
+    Example::
+
+        draw = TaskBatches([iter(a), iter(b)], "adamerging")
+        batch_a, batch_b = draw(step=0)
+    """
+
+    def __init__(self, batches: Sequence[Iterable[Any]], name: str, num_tasks: int):
+        if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence):
+            raise MergeError(f"{name}: batches must be a sequence of iterators, one per "
+                             f"task, got {type(batches).__name__}")
+        if len(batches) != num_tasks:
+            raise MergeError(f"{name}: got {len(batches)} batch iterators for {num_tasks} "
+                             "models; give one per task, in the models' order")
+        self._iterators: list[Iterator[Any]] = [iter(b) for b in batches]
+        self._name = name
+
+    def __call__(self, step: int) -> tuple[Any, ...]:
+        out = []
+        for t, it in enumerate(self._iterators):
+            try:
+                out.append(next(it))
+            except StopIteration:
+                raise MergeError(
+                    f"{self._name}: task {t}'s batches ran out at step {step}; give "
+                    "iterators with at least `steps` batches (e.g. itertools.cycle)") from None
+        return tuple(out)
+
+
+class LoopResult(NamedTuple):
+    """What `optimize` returns: the final learned state and the loss at every step
+    (evaluated before that step's update)."""
+
+    state: PyTree
+    losses: np.ndarray
+
+
+def _finite(tree: PyTree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1,
+                                             create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
+
+
+def optimize(step_fn: Callable[[PyTree, tuple[Any, ...]], tuple[PyTree, jax.Array]],
+             state: PyTree, draw: TaskBatches, *, steps: int, name: str,
+             checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+             log_every: int = 0) -> LoopResult:
+    """Runs ``state, loss = step_fn(state, draw(step))`` for ``steps`` steps.
+
+    ``step_fn`` is a jitted pure function (it compiles once: the batches of every step must
+    have the same shapes). ``state`` is a pytree of arrays (learned parameters and optax
+    state). Checkpointing, resuming and the NaN guard are described in the module
+    docstring; ``log_every > 0`` logs the loss every that many steps.
+
+    Example::
+
+        result = optimize(step, (coefficients, opt.init(coefficients)), draw, steps=500,
+                          name="adamerging", checkpoint_dir="/tmp/ada")
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise MergeError(f"{name}: steps must be a positive int, got {steps!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise MergeError(f"{name}: checkpoint_every must be a positive int, got "
+                         f"{checkpoint_every!r}")
+    losses = np.full((steps,), np.nan, np.float32)
+    start = 0
+    manager = _manager(checkpoint_dir) if checkpoint_dir else None
+    if manager is not None and manager.latest_step() is not None:
+        start = int(manager.latest_step())
+        if start > steps:
+            raise MergeError(f"{name}: the checkpoint in {checkpoint_dir} is at step {start}, "
+                             f"past steps={steps}")
+        saved = manager.item_metadata(start)["losses"].shape  # an earlier run's `steps`
+        target = {"state": jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+                  "losses": jax.ShapeDtypeStruct(saved, np.float32)}
+        restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+        state = restored["state"]
+        losses[:start] = np.asarray(restored["losses"])[:start]
+        logging.info("%s: resumed from step %d in %s", name, start, checkpoint_dir)
+        for s in range(start):
+            draw(s)
+    last_good = start if manager is not None and start else None
+    try:
+        for step in range(start, steps):
+            new_state, loss = step_fn(state, draw(step))
+            loss = float(loss)
+            if not np.isfinite(loss) or not _finite(new_state):
+                where = (f"the last good checkpoint is step {last_good} in {checkpoint_dir}"
+                         if last_good is not None else "no checkpoint was written")
+                what = f"loss {loss}" if not np.isfinite(loss) else "non-finite parameters"
+                raise MergeError(f"{name}: {what} at step {step}; stopped ({where})")
+            state, losses[step] = new_state, loss
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+                logging.info("%s: step %d/%d, loss %.6f", name, step + 1, steps, loss)
+            if manager is not None and ((step + 1) % checkpoint_every == 0
+                                        or step + 1 == steps):
+                manager.save(step + 1, args=ocp.args.StandardSave(
+                    {"state": state, "losses": losses}))
+                manager.wait_until_finished()
+                last_good = step + 1
+    finally:
+        if manager is not None:
+            manager.close()
+    return LoopResult(state, losses)
