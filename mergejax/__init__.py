@@ -8,6 +8,13 @@ Quick start::
     mergejax.list_methods()
 """
 
+from mergejax.learned.coefficients import (
+    AdaMergingResult,
+    EvolutionaryResult,
+    adamerging,
+    adamerging_pp,
+    evolutionary,
+)
 from mergejax.learned.localize import (
     LocalizationResult,
     learn_masks,
@@ -89,7 +96,7 @@ from mergejax.methods.subspace import (
     opcm_init,
     opcm_update,
 )
-from mergejax.registry import get_method, list_methods, merge, register
+from mergejax.registry import FunctionMethod, get_method, list_methods, merge, register
 from mergejax.rules import LayerGradient, PathRules, layer_index
 from mergejax.tree import (
     MergeError,
@@ -112,6 +119,9 @@ from mergejax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "adamerging",
+    "adamerging_pp",
+    "AdaMergingResult",
     "apply_task_vector",
     "awd",
     "awd_disentangle",
@@ -128,11 +138,14 @@ __all__ = [
     "doge",
     "dop",
     "emr",
+    "evolutionary",
+    "EvolutionaryResult",
     "flatten_with_paths",
     "free_merging",
     "free_merging_experts",
     "FreeMergeExperts",
     "frequency_mask",
+    "FunctionMethod",
     "from_peft",
     "get_method",
     "greedy_soup",

@@ -1,5 +1,12 @@
 """Merges that learn from data: masks, coefficients or routers trained with a loss, and
-the gradient-free search they share (`cma_es`, used by `mergejax.lorahub`).
+the gradient-free search they share (`cma_es`, used by `mergejax.lorahub` and
+`evolutionary`). `loop` holds their shared calling convention and checkpointed optax loop.
+
+AdaMerging (Yang et al. 2024, arXiv 2310.02575)::
+
+    from mergejax.learned import adamerging
+
+    result = adamerging(base, fts, apply_fn=embed, heads=heads, batches=test_batches)
 
 Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
 
@@ -10,7 +17,19 @@ Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
                                  [batches_a, batches_b], steps=200)
 """
 
-from mergejax.learned import localize, search
+from mergejax.learned import coefficients, localize, loop, search
+from mergejax.learned.coefficients import (
+    AdaMergingResult,
+    CoefficientGroups,
+    EvolutionaryResult,
+    adamerging,
+    adamerging_pp,
+    adamerging_step,
+    coefficient_groups,
+    evolutionary,
+    merge_with_coefficients,
+    ties_processed_models,
+)
 from mergejax.learned.localize import (
     LocalizationResult,
     init_logits,
@@ -23,6 +42,18 @@ from mergejax.learned.localize import (
 from mergejax.learned.search import CMAES, SearchResult, ask_tell_loop, cma_es
 
 __all__ = [
+    "AdaMergingResult",
+    "CoefficientGroups",
+    "EvolutionaryResult",
+    "adamerging",
+    "adamerging_pp",
+    "adamerging_step",
+    "coefficient_groups",
+    "coefficients",
+    "evolutionary",
+    "loop",
+    "merge_with_coefficients",
+    "ties_processed_models",
     "CMAES",
     "SearchResult",
     "ask_tell_loop",

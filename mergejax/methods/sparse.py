@@ -62,6 +62,7 @@ __all__ = [
     "sparse_merge",
     "tall_masks",
     "ties",
+    "ties_task_vector",
 ]
 
 Array = jax.Array
@@ -283,6 +284,30 @@ def ties(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, weights=No
     """
     return _pipeline(ctx, base, models, weights, scale, sparsify="magnitude", scope=scope,
                      density=density, topk=topk, elect=elect, disjoint=disjoint)
+
+
+@leafwise("ties_task_vector", family="sparse", paper=_TIES_PAPER, register=False,
+          statistics=_statistics(_fixed({"sparsify": "magnitude"})),
+          validate=_validator(_fixed({"sparsify": "magnitude"})))
+def ties_task_vector(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
+                     task: int = 0, density: float = 0.2, scope: str = "global",
+                     topk: str = "fusionbench", elect: str = "mass") -> Array:
+    """``theta_0 + tau_hat_task``: task ``task``'s vector after TIES's trim and sign
+    election (its entries that survive the top-``density`` trim and agree with the elected
+    sign, zero elsewhere), as the AdaMerging++ code's ``ties_merging_split`` (not summed).
+    Not registered (it returns one task's model, not a merge).
+
+    Example::
+
+        processed = [ties_task_vector(base, fts, task=t) for t in range(len(fts))]
+    """
+    if not 0 <= task < len(models):
+        raise MergeError(f"task must be in [0, {len(models)}), got {task!r}")
+    taus = _sparsified(ctx, tuple(x - base for x in models), sparsify="magnitude",
+                       scope=scope, density=density, gamma=0.0, epsilon=0.0, rescale="none",
+                       topk=topk, rank_axis=-1)
+    sign = stages.elect_sign(taus, elect)
+    return base + jnp.where(jnp.sign(taus[task]) == sign, taus[task], 0.0)
 
 
 @_preset("dare_linear", _DARE_PAPER, uses_key=True, sparsify="random")
