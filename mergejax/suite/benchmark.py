@@ -5,41 +5,114 @@ every task is evaluated with its own frozen head. A method that returns one back
 task (a list, or a result with ``task_models()`` such as EMR's `ModulatedMerge`) is
 evaluated task by task, and the table says what it keeps besides the base. Random methods
 get ``key=jax.random.key(0)``.
+Methods that learn from data get it from the suite by hyperparameter name (`suite_inputs`):
+``apply_fn`` (the backbone's embeddings), ``heads`` (each task's frozen head),
+``batches`` (unlabeled *test* inputs, 16 per task per step, reshuffled each epoch: the
+test-time adaptation setting of AdaMerging and WEMoE), ``labeled_batches`` (the validation
+split with labels), ``evaluate`` / ``fitness`` (average validation accuracy). Their
+results are evaluated as they come: merged params (``.params``), one backbone per task, or
+a result with ``predict(task, inputs) -> logits`` (surgery modules, routers). They run once
+(their time includes compilation); tuning-free merges are timed on a second, compiled call.
 A method that needs data the suite does not supply, or cannot take this many models, is
 listed as skipped with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from mergejax import registry
 from mergejax.method import REQUIRED
+from mergejax.suite import model as model_lib
 from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
 from mergejax.tree import MergeError
 
-__all__ = ["backbones", "reference_rows", "run_method", "run_methods", "validation_score"]
+__all__ = ["backbones", "reference_rows", "run_method", "run_methods", "suite_inputs",
+           "task_accuracies", "validation_score"]
 
 
 def backbones(merged: Any) -> Any:
     """What a method returned, as the suite evaluates it: one backbone, or a list with one
-    per task."""
+    per task (results with ``.params`` give their params)."""
     if hasattr(merged, "task_models"):
         return merged.task_models()
-    return list(merged) if isinstance(merged, (list, tuple)) else merged
+    if isinstance(merged, (list, tuple)) and not hasattr(merged, "_fields"):
+        return list(merged)
+    return merged.params if hasattr(merged, "params") else merged
+
+
+def task_accuracies(suite: Suite, merged: Any, split: str = "test",
+                    batch_size: int = 1024) -> dict[str, float]:
+    """Per-task accuracy of whatever a method returned: through its ``predict(task,
+    inputs)`` when it has one, else of its backbone(s) with the frozen heads."""
+    if not hasattr(merged, "predict"):
+        return suite.accuracies(backbones(merged), split=split)
+    out = {}
+    for t, task in enumerate(suite.tasks):
+        d = suite.data[task][split]
+        correct = 0
+        for lo in range(0, len(d.labels), batch_size):
+            logits = np.asarray(merged.predict(t, d.images[lo:lo + batch_size]))
+            correct += int(np.sum(np.argmax(logits, axis=-1) == d.labels[lo:lo + batch_size]))
+        out[task] = correct / len(d.labels)
+    return out
 
 
 def validation_score(suite: Suite) -> Callable[[Any], float]:
-    """Average validation accuracy over tasks of one backbone (or one per task): what
-    searches maximise."""
-    return lambda params: sum(suite.accuracies(backbones(params),
-                                               split="validation").values()) / len(suite.tasks)
+    """Average validation accuracy over tasks of one backbone (or one per task, or a
+    result with ``predict``): what searches maximise."""
+    return lambda merged: sum(task_accuracies(suite, merged, "validation").values()) / len(
+        suite.tasks)
+
+
+def _epochs(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int) -> Iterator[Any]:
+    """Endless batches of ``arrays`` (shared first axis), reshuffled every epoch; the last
+    incomplete batch of an epoch is dropped so that every batch has the same shape."""
+    rng = np.random.default_rng(seed)
+    n = len(arrays[0])
+    size = min(batch_size, n)
+    while True:
+        order = rng.permutation(n)
+        for lo in range(0, n - size + 1, size):
+            idx = order[lo:lo + size]
+            picked = tuple(a[idx] for a in arrays)
+            yield picked if len(picked) > 1 else picked[0]
+
+
+def suite_inputs(suite: Suite, batch_size: int = 16) -> dict[str, Callable[[], Any]]:
+    """What the suite can give a method that learns from data, by hyperparameter name (each
+    built on demand; see the module docstring)."""
+    model = suite.model
+
+    def apply_fn(params, images):
+        return model.apply({"params": params}, images)
+
+    def heads():
+        return [functools.partial(model_lib.logits, head=suite.heads[t]) for t in suite.tasks]
+
+    def batches(split: str, labeled: bool):
+        def make():
+            out = []
+            for i, t in enumerate(suite.tasks):
+                d = suite.data[t][split]
+                arrays = (d.images, d.labels) if labeled else (d.images,)
+                out.append(_epochs(arrays, batch_size, suite.config.seed + i))
+            return out
+        return make
+
+    score = validation_score(suite)
+    return {"apply_fn": lambda: apply_fn, "heads": heads,
+            "batches": batches("test", labeled=False),
+            "labeled_batches": batches("validation", labeled=True),
+            "evaluate": lambda: score, "fitness": lambda: score}
 
 
 def reference_rows(suite: Suite) -> list[Row]:
@@ -72,11 +145,12 @@ def _merge(method, suite: Suite, hparams: Mapping[str, Any]):
 
 
 def _note(method, merged: Any) -> str:
-    if hasattr(merged, "task_models"):
-        return f"one model per task; keeps {getattr(method, 'keeps', 'per-task state')}"
-    if isinstance(merged, (list, tuple)):
+    if hasattr(merged, "task_models") or hasattr(merged, "predict"):
+        return f"keeps {getattr(method, 'keeps', None) or 'per-task state'}"
+    if isinstance(merged, (list, tuple)) and not hasattr(merged, "_fields"):
         return "one backbone per task"
-    return ""
+    return "learned; time includes compilation" if isinstance(
+        method, registry.FunctionMethod) else ""
 
 
 def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None,
@@ -88,8 +162,10 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     """
     method = registry.get_method(name)
     hparams = dict(hparams or {})
-    if "evaluate" in method.hparams and "evaluate" not in hparams:
-        hparams["evaluate"] = validation_score(suite)
+    inputs = suite_inputs(suite)
+    for hparam, make in inputs.items():
+        if hparam in method.hparams and hparam not in hparams:
+            hparams[hparam] = make()
     reason = _skip_reason(method, len(suite.experts), hparams)
     if reason:
         nan = float("nan")
@@ -103,12 +179,14 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
         hparams[hparam] = max(scores, key=scores.get)
         logging.info("%s: %s=%s on validation (%s)", name, hparam, hparams[hparam],
                      {k: round(v, 4) for k, v in scores.items()})
-    _merge(method, suite, hparams)  # compiles; the table reports the compiled call
+    learned = isinstance(method, registry.FunctionMethod)
+    if not learned:
+        _merge(method, suite, hparams)  # compiles; the table reports the compiled call
     start = time.perf_counter()
     merged = _merge(method, suite, hparams)
     seconds = time.perf_counter() - start
-    shown = {k: v for k, v in hparams.items() if k != "evaluate"}
-    return Row(name, suite.accuracies(backbones(merged)), seconds=seconds, hparams=shown,
+    shown = {k: v for k, v in hparams.items() if k not in inputs}
+    return Row(name, task_accuracies(suite, merged), seconds=seconds, hparams=shown,
                note=_note(method, merged)).finish(suite.expert_accuracies)
 
 
