@@ -20,6 +20,12 @@ from mergejax.learned.localize import (
     learn_masks,
     localize_and_stitch,
 )
+from mergejax.learned.representation_surgery import (
+    SurgeryResult,
+    probsurgery,
+    surgery,
+    surgery_v2,
+)
 from mergejax.lora import (
     LoraFactors,
     LoraHubResult,
@@ -195,11 +201,15 @@ __all__ = [
     "path_str",
     "PathRules",
     "pcb",
+    "probsurgery",
     "register",
     "sce",
     "shared_subspace",
     "slerp",
     "sparse_merge",
+    "surgery",
+    "surgery_v2",
+    "SurgeryResult",
     "stack_trees",
     "StatisticsPass",
     "stitch",

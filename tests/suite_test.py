@@ -144,6 +144,27 @@ def test_run_method_rows(tiny_suite):
     assert pre.accuracy == suite.accuracies(suite.pretrained)
 
 
+def test_learned_methods_get_suite_data_and_predict_results_are_evaluated(tiny_suite):
+    suite, _ = tiny_suite
+    row = benchmark_lib.run_method(suite, "adamerging", {"steps": 2, "granularity": "task"})
+    assert row.note == "learned; time includes compilation"
+    assert set(row.accuracy) == set(suite.tasks)
+    assert all(0.0 <= a <= 1.0 for a in row.accuracy.values())
+    assert "apply_fn" not in row.hparams and row.hparams["steps"] == 2
+
+    class Pretrained:  # a predict()-style result: the pretrained backbone with the heads
+        def predict(self, task, images):
+            head = suite.heads[suite.tasks[task]]
+            return model_lib.classify(suite.model, suite.pretrained, head, images)
+
+    assert benchmark_lib.task_accuracies(suite, Pretrained()) == suite.accuracies(
+        suite.pretrained)
+    batches = benchmark_lib.suite_inputs(suite, batch_size=5)["labeled_batches"]()
+    assert len(batches) == len(suite.tasks)
+    images, labels = next(batches[0])
+    assert images.shape[0] == labels.shape[0] == 5
+
+
 def _run_binary(tmp_path, *overrides):
     """The binary with the tiny config, run from ``tmp_path`` so that its default relative
     cache and results directories land there."""

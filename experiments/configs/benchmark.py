@@ -36,6 +36,16 @@ PAPER_HPARAMS = {
     "doge": {"scale": 0.07},  # FusionBench doge_ta.yaml: lambda_i = scale / ||tau_i||
     "knots": {"merge": "ties", "density": 0.2, "scale": 0.6},  # official KnOTS-TIES config
     "opcm": {"alpha": 0.5},  # FusionBench OPCMForCLIP
+    # Learned: the functions' defaults are the papers' (AdaMerging: layer-wise, init 0.3,
+    # Adam 1e-3, 500 steps on 16 unlabeled test inputs per task per step).
+    "evolutionary": {"granularity": "task", "steps": 20},  # CMA-ES on validation accuracy
+}
+
+#: Tiny-config overrides: a few optimisation steps each, for tests.
+TINY_HPARAMS = {
+    "adamerging": {"steps": 3},
+    "adamerging_pp": {"steps": 3},
+    "evolutionary": {"granularity": "task", "steps": 2},
 }
 
 
@@ -56,6 +66,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 "max_train_examples": 256,
                                 "vit": {"width": 16, "depth": 1, "heads": 2, "embed_dim": 16}})
         config.search = ml_collections.ConfigDict({"scale": [0.3, 1.0]})
+        for name, values in TINY_HPARAMS.items():
+            config.method_hparams[name] = {**PAPER_HPARAMS.get(name, {}), **values}
     elif arg:
         raise ValueError(f"unknown benchmark config {arg!r}; use '' or 'tiny'")
     return config

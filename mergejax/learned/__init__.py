@@ -17,7 +17,13 @@ Localize-and-Stitch (He et al. 2024, arXiv 2408.13656) with learned masks::
                                  [batches_a, batches_b], steps=200)
 """
 
-from mergejax.learned import coefficients, localize, loop, search
+from mergejax.learned import (
+    coefficients,
+    localize,
+    loop,
+    representation_surgery,
+    search,
+)
 from mergejax.learned.coefficients import (
     AdaMergingResult,
     CoefficientGroups,
@@ -39,6 +45,13 @@ from mergejax.learned.localize import (
     masked_params,
     sparsity_penalty,
 )
+from mergejax.learned.representation_surgery import (
+    SurgeryResult,
+    kl_divergence,
+    probsurgery,
+    surgery,
+    surgery_v2,
+)
 from mergejax.learned.search import CMAES, SearchResult, ask_tell_loop, cma_es
 
 __all__ = [
@@ -54,6 +67,12 @@ __all__ = [
     "loop",
     "merge_with_coefficients",
     "ties_processed_models",
+    "SurgeryResult",
+    "kl_divergence",
+    "probsurgery",
+    "representation_surgery",
+    "surgery",
+    "surgery_v2",
     "CMAES",
     "SearchResult",
     "ask_tell_loop",
