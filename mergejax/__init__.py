@@ -49,6 +49,7 @@ from mergejax.methods.basic import (
     slerp,
     task_arithmetic,
 )
+from mergejax.methods.data_aware import fisher, regmean, regmean_pp
 from mergejax.methods.datafree import (
     AWDResult,
     WudiQuadratic,
@@ -104,6 +105,14 @@ from mergejax.methods.subspace import (
 )
 from mergejax.registry import FunctionMethod, get_method, list_methods, merge, register
 from mergejax.rules import LayerGradient, PathRules, layer_index
+from mergejax.statistics import (
+    Gram,
+    dense_input_grams,
+    diagonal_fisher,
+    nnx_dense_input_grams,
+    task_fishers,
+    task_grams,
+)
 from mergejax.tree import (
     MergeError,
     apply_task_vector,
@@ -139,12 +148,15 @@ __all__ = [
     "dare_linear",
     "dare_ties",
     "darex",
+    "dense_input_grams",
+    "diagonal_fisher",
     "della",
     "della_linear",
     "doge",
     "dop",
     "emr",
     "evolutionary",
+    "fisher",
     "EvolutionaryResult",
     "flatten_with_paths",
     "free_merging",
@@ -157,6 +169,7 @@ __all__ = [
     "greedy_soup",
     "greedy_soup_search",
     "GreedySoupResult",
+    "Gram",
     "ho_gsvd",
     "is_float",
     "iso_c",
@@ -194,6 +207,7 @@ __all__ = [
     "ModulatedMerge",
     "multislerp",
     "nearswap",
+    "nnx_dense_input_grams",
     "opcm",
     "opcm_init",
     "opcm_update",
@@ -203,6 +217,8 @@ __all__ = [
     "pcb",
     "probsurgery",
     "register",
+    "regmean",
+    "regmean_pp",
     "sce",
     "shared_subspace",
     "slerp",
@@ -215,6 +231,8 @@ __all__ = [
     "stitch",
     "tall_masks",
     "task_arithmetic",
+    "task_fishers",
+    "task_grams",
     "task_vector",
     "task_vectors",
     "TaskSingularVectors",

@@ -39,6 +39,7 @@ PAPER_HPARAMS = {
     # Learned: the functions' defaults are the papers' (AdaMerging: layer-wise, init 0.3,
     # Adam 1e-3, 500 steps on 16 unlabeled test inputs per task per step).
     "evolutionary": {"granularity": "task", "steps": 20},  # CMA-ES on validation accuracy
+    "regmean_pp": {"num_batches": 16},  # 256 inputs per task, as the suite's RegMean Grams
 }
 
 #: Tiny-config overrides: a few optimisation steps each, for tests.
@@ -46,6 +47,10 @@ TINY_HPARAMS = {
     "adamerging": {"steps": 3},
     "adamerging_pp": {"steps": 3},
     "evolutionary": {"granularity": "task", "steps": 2},
+    "surgery": {"steps": 2},
+    "surgery_v2": {"steps": 2},
+    "probsurgery": {"steps": 2},
+    "regmean_pp": {"num_batches": 2},
 }
 
 

@@ -2,6 +2,7 @@
 
 from mergejax.methods import (
     basic,
+    data_aware,
     datafree,
     decomposition,
     masking,
@@ -12,5 +13,5 @@ from mergejax.methods import (
     subspace,
 )
 
-__all__ = ["basic", "datafree", "decomposition", "masking", "projection", "soups", "sparse",
+__all__ = ["basic", "data_aware", "datafree", "decomposition", "masking", "projection", "soups", "sparse",
            "spectral", "subspace"]

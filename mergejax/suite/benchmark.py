@@ -9,7 +9,9 @@ Methods that learn from data get it from the suite by hyperparameter name (`suit
 ``apply_fn`` (the backbone's embeddings), ``heads`` (each task's frozen head),
 ``batches`` (unlabeled *test* inputs, 16 per task per step, reshuffled each epoch: the
 test-time adaptation setting of AdaMerging and WEMoE), ``labeled_batches`` (the validation
-split with labels), ``evaluate`` / ``fitness`` (average validation accuracy). Their
+split with labels), ``evaluate`` / ``fitness`` (average validation accuracy), ``fishers``
+and ``grams`` (each expert's diagonal Fisher and dense-layer input Gram matrices from 256
+validation examples, computed before the merge is timed). Their
 results are evaluated as they come: merged params (``.params``), one backbone per task, or
 a result with ``predict(task, inputs) -> logits`` (surgery modules, routers). They run once
 (their time includes compilation); tuning-free merges are timed on a second, compiled call.
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from mergejax import registry
+from mergejax import registry, statistics
 from mergejax.method import REQUIRED
 from mergejax.suite import model as model_lib
 from mergejax.suite.protocol import Suite
@@ -87,6 +89,11 @@ def _epochs(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int) -> Itera
             yield picked if len(picked) > 1 else picked[0]
 
 
+#: Batches (of 16) of validation data from which ``fishers`` and ``grams`` are computed
+#: (256 examples per task, FusionBench's RegMean / Fisher default).
+STATISTICS_BATCHES = 16
+
+
 def suite_inputs(suite: Suite, batch_size: int = 16) -> dict[str, Callable[[], Any]]:
     """What the suite can give a method that learns from data, by hyperparameter name (each
     built on demand; see the module docstring)."""
@@ -109,10 +116,16 @@ def suite_inputs(suite: Suite, batch_size: int = 16) -> dict[str, Callable[[], A
         return make
 
     score = validation_score(suite)
+    labeled = batches("validation", labeled=True)
     return {"apply_fn": lambda: apply_fn, "heads": heads,
-            "batches": batches("test", labeled=False),
-            "labeled_batches": batches("validation", labeled=True),
-            "evaluate": lambda: score, "fitness": lambda: score}
+            "batches": batches("test", labeled=False), "labeled_batches": labeled,
+            "evaluate": lambda: score, "fitness": lambda: score,
+            "fishers": lambda: statistics.task_fishers(
+                apply_fn, suite.experts, labeled(), heads=heads(),
+                num_batches=STATISTICS_BATCHES),
+            "grams": lambda: statistics.task_grams(
+                apply_fn, suite.experts, batches("validation", labeled=False)(),
+                num_batches=STATISTICS_BATCHES)}
 
 
 def reference_rows(suite: Suite) -> list[Row]:
