@@ -26,6 +26,7 @@ from mergejax.learned.representation_surgery import (
     surgery,
     surgery_v2,
 )
+from mergejax.learned.routing import TwinMergingResult, WEMoEResult, twin_merging, wemoe
 from mergejax.lora import (
     LoraFactors,
     LoraHubResult,
@@ -239,12 +240,16 @@ __all__ = [
     "ties",
     "to_peft",
     "tree_add",
+    "twin_merging",
+    "TwinMergingResult",
     "tree_scale",
     "tree_sub",
     "tree_weighted_sum",
     "tsv_c",
     "tsv_m",
     "unstack_tree",
+    "wemoe",
+    "WEMoEResult",
     "widen",
     "wudi",
     "wudi_quadratic",

@@ -51,6 +51,8 @@ TINY_HPARAMS = {
     "surgery_v2": {"steps": 2},
     "probsurgery": {"steps": 2},
     "regmean_pp": {"num_batches": 2},
+    "wemoe": {"steps": 2},
+    "twin_merging": {"steps": 2},
 }
 
 

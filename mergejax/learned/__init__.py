@@ -52,6 +52,15 @@ from mergejax.learned.representation_surgery import (
     surgery,
     surgery_v2,
 )
+from mergejax.learned.routing import (
+    DEFAULT_ROUTED,
+    ExclusiveKnowledge,
+    TwinMergingResult,
+    WEMoEResult,
+    exclusive_knowledge,
+    twin_merging,
+    wemoe,
+)
 from mergejax.learned.search import CMAES, SearchResult, ask_tell_loop, cma_es
 
 __all__ = [
@@ -67,6 +76,14 @@ __all__ = [
     "loop",
     "merge_with_coefficients",
     "ties_processed_models",
+    "DEFAULT_ROUTED",
+    "ExclusiveKnowledge",
+    "TwinMergingResult",
+    "WEMoEResult",
+    "exclusive_knowledge",
+    "routing",
+    "twin_merging",
+    "wemoe",
     "SurgeryResult",
     "kl_divergence",
     "probsurgery",

@@ -8,7 +8,8 @@ get ``key=jax.random.key(0)``.
 Methods that learn from data get it from the suite by hyperparameter name (`suite_inputs`):
 ``apply_fn`` (the backbone's embeddings), ``heads`` (each task's frozen head),
 ``batches`` (unlabeled *test* inputs, 16 per task per step, reshuffled each epoch: the
-test-time adaptation setting of AdaMerging and WEMoE), ``labeled_batches`` (the validation
+test-time adaptation setting of AdaMerging, Surgery and WEMoE; validation inputs for the
+methods in `VALIDATION_BATCHES`), ``labeled_batches`` (the validation
 split with labels), ``evaluate`` / ``fitness`` (average validation accuracy), ``fishers``
 and ``grams`` (each expert's diagonal Fisher and dense-layer input Gram matrices from 256
 validation examples, computed before the merge is timed). Their
@@ -94,9 +95,15 @@ def _epochs(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int) -> Itera
 STATISTICS_BATCHES = 16
 
 
-def suite_inputs(suite: Suite, batch_size: int = 16) -> dict[str, Callable[[], Any]]:
+#: Methods whose ``batches`` are held-out validation inputs (their papers train on a
+#: small held-out set), not the unlabeled test inputs of test-time adaptation.
+VALIDATION_BATCHES = ("regmean_pp", "twin_merging")
+
+
+def suite_inputs(suite: Suite, batch_size: int = 16, batch_split: str = "test"
+                 ) -> dict[str, Callable[[], Any]]:
     """What the suite can give a method that learns from data, by hyperparameter name (each
-    built on demand; see the module docstring)."""
+    built on demand; see the module docstring). ``batches`` come from ``batch_split``."""
     model = suite.model
 
     def apply_fn(params, images):
@@ -118,7 +125,7 @@ def suite_inputs(suite: Suite, batch_size: int = 16) -> dict[str, Callable[[], A
     score = validation_score(suite)
     labeled = batches("validation", labeled=True)
     return {"apply_fn": lambda: apply_fn, "heads": heads,
-            "batches": batches("test", labeled=False), "labeled_batches": labeled,
+            "batches": batches(batch_split, labeled=False), "labeled_batches": labeled,
             "evaluate": lambda: score, "fitness": lambda: score,
             "fishers": lambda: statistics.task_fishers(
                 apply_fn, suite.experts, labeled(), heads=heads(),
@@ -175,7 +182,8 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     """
     method = registry.get_method(name)
     hparams = dict(hparams or {})
-    inputs = suite_inputs(suite)
+    inputs = suite_inputs(suite, batch_split="validation" if name in VALIDATION_BATCHES
+                          else "test")
     for hparam, make in inputs.items():
         if hparam in method.hparams and hparam not in hparams:
             hparams[hparam] = make()
