@@ -30,7 +30,17 @@ CASES = [
     ("sce", "base", 3, {"density": 0.5}),
     ("model_tailor", "base", 3, {"density": 0.3, "block_size": 4}),
     ("localize_stitch", "base", 3, {"density": 0.3}),
+    ("tsv_m", "base", 3, {}),
+    ("iso_c", "base", 3, {}),
+    ("iso_cts", "base", 3, {}),
+    ("knots", "base", 3, {}),
+    ("wudi", "base", 3, {"form": "closed"}),
+    ("awd", "base", 3, {}),
+    ("doge", "base", 3, {}),
+    ("widen", "base", 3, {}),
 ]
+
+MATRIX_METHODS = ("tsv_m", "iso_c", "iso_cts", "knots", "wudi", "awd", "doge", "widen")
 
 
 def _params(seed):
@@ -63,12 +73,15 @@ def test_sharded_inputs_give_same_sharding_and_values(mesh, name, base_arg, k, h
     sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]
     got = mergejax.merge(name, sbase if base_arg else None, smodels, **hparams)
     reference = sbase if base_arg else smodels[0]
+    # Sharded matmuls sum in another order; decompositions and solves amplify that.
+    tol = (dict(rtol=1e-4, atol=1e-4) if name in MATRIX_METHODS
+           else dict(rtol=2e-6, atol=2e-6))
     for path, g, e, r in zip(mergejax.leaf_paths(got), jax.tree.leaves(got),
                              jax.tree.leaves(expected), jax.tree.leaves(reference)):
         assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
         assert g.dtype == e.dtype, path
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
-                                   rtol=2e-6, atol=2e-6, err_msg=path)
+                                   **tol, err_msg=path)
 
 
 def test_emr_task_models_keep_the_sharding(mesh):
@@ -81,3 +94,23 @@ def test_emr_task_models_keep_the_sharding(mesh):
         assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
                                    rtol=2e-6, atol=2e-6, err_msg=path)
+
+
+def test_adamerging_on_sharded_params(mesh):
+    """The learned loop runs unchanged on sharded params; the merge keeps their sharding."""
+    base, models = _params(0), [_params(i) for i in range(1, 4)]
+    sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(4, 16)), jnp.float32)
+
+    def apply_fn(p, x):
+        h = x @ p["attn"]["kernel"]
+        return h @ p["mlp"]["kernel"].astype(jnp.float32) + p["mlp"]["bias"]
+
+    run = lambda b, ms: mergejax.adamerging(  # noqa: E731
+        b, ms, apply_fn=apply_fn, batches=[iter([x] * 3) for _ in ms], steps=3,
+        learning_rate=0.01)
+    expected, got = run(base, models), run(sbase, smodels)
+    np.testing.assert_allclose(got.coefficients, expected.coefficients, rtol=1e-5, atol=1e-6)
+    for path, g, r in zip(mergejax.leaf_paths(got.params), jax.tree.leaves(got.params),
+                          jax.tree.leaves(sbase)):
+        assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
