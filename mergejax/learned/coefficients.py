@@ -165,15 +165,22 @@ def merge_with_coefficients(base: PyTree, models: Sequence[PyTree], coefficients
     model_leaves = [jax.tree.leaves(m) for m in models]
     out = []
     for i, (b, g) in enumerate(zip(leaves, groups.index)):
-        if g is None:
-            out.append(b)
-            continue
-        wide = jnp.promote_types(b.dtype, jnp.float32)  # bf16 -> f32, f64 stays
-        bw = b.astype(wide)
-        delta = sum(coefficients[g, k].astype(wide) * (ml[i].astype(wide) - bw)
-                    for k, ml in enumerate(model_leaves))
-        out.append((bw + delta).astype(b.dtype))
+        out.append(b if g is None else
+                   _task_arithmetic_leaf(b, tuple(ml[i] for ml in model_leaves),
+                                         coefficients[g]))
     return treedef.unflatten(out)
+
+
+@jax.checkpoint
+def _task_arithmetic_leaf(b: jax.Array, ms: tuple[jax.Array, ...], lam: jax.Array
+                          ) -> jax.Array:
+    """``b + sum_k lam_k (m_k - b)`` in float32 or wider. Rematerialised
+    (`jax.checkpoint`): the backward pass recomputes ``m_k - b`` from the inputs instead of
+    keeping K task vectors alive between the forward and backward passes."""
+    wide = jnp.promote_types(b.dtype, jnp.float32)  # bf16 -> f32, f64 stays
+    bw = b.astype(wide)
+    delta = sum(lam[k].astype(wide) * (m.astype(wide) - bw) for k, m in enumerate(ms))
+    return (bw + delta).astype(b.dtype)
 
 
 class AdaMergingResult(NamedTuple):
