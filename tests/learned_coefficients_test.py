@@ -155,7 +155,9 @@ def test_step_gradient_matches_finite_differences(granularity):
 def test_heads_are_applied_per_task():
     with x64():
         base, models, inputs = setup(6, jnp.float64)
-        heads_np = [np.random.default_rng(10 + t).standard_normal((3, 2)) for t in range(K)]
+        # Heads with different numbers of classes (the scanned path picks each task's loss).
+        heads_np = [np.random.default_rng(10 + t).standard_normal((3, 2 + t))
+                    for t in range(K)]
         heads = [lambda out, h=h: out @ jnp.asarray(h) for h in heads_np]
         groups = coef.coefficient_groups(base, "task")
         step = coef.adamerging_step(apply_fn, heads, groups, optimizer=optax.sgd(0.0))
@@ -178,8 +180,9 @@ def test_adamerging_lowers_entropy_and_compiles_once():
     result = mergejax.adamerging(base, models, apply_fn=counting_apply,
                                  batches=cycles(inputs), steps=30, learning_rate=0.05)
     assert result.losses[-1] < result.losses[0] - 0.05
-    # One trace of the step (K calls), one of the final merge (none: it does not apply).
-    assert len(traces) == K
+    # One trace of the step (the tasks are scanned: the model is traced once); the final
+    # merge does not apply the model.
+    assert len(traces) == 1
     assert result.coefficients.shape == (3, K)
     expected = np_merge(base, models, np.asarray(result.coefficients, np.float64),
                         {p: i for i, p in enumerate(PATHS)})
@@ -318,3 +321,43 @@ def test_entropy_and_task_logits():
     heads = [lambda x: 2 * x, lambda x: -x]
     assert float(loop.task_logits(lambda p, b: p * b, heads, 3.0, 2.0, 1)) == -6.0
     assert float(loop.task_logits(lambda p, b: p * b, None, 3.0, 2.0, 1)) == 6.0
+
+
+def test_fused_and_per_task_forward_agree():
+    """Running the model once on all tasks' batches gives the per-task losses and
+    gradients."""
+    base, models, inputs = setup(15)
+    groups = coef.coefficient_groups(base, "layer")
+    lam = jnp.full((3, K), 0.3)
+    outs = []
+    for fuse in (True, False):
+        step = coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0),
+                                    fuse_tasks=fuse)
+        outs.append(step((lam, optax.sgd(1.0).init(lam)), tuple(inputs), base, models))
+    (fused, _), loss_fused = outs[0]
+    (single, _), loss_single = outs[1]
+    np.testing.assert_allclose(loss_fused, loss_single, rtol=1e-6)
+    np.testing.assert_allclose(fused, single, rtol=1e-5, atol=1e-6)
+    # Batches of different sizes cannot be scanned: the unrolled per-task path.
+    ragged = (inputs[0], inputs[1][:4], inputs[2])
+    state = (lam, optax.sgd(1.0).init(lam))
+    results = [coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0),
+                                    fuse_tasks=fuse)(state, ragged, base, models)
+               for fuse in (True, False)]
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+    np.testing.assert_allclose(results[0][0][0], results[1][0][0], rtol=1e-5, atol=1e-6)
+    calls = []
+    counting = lambda p, x: calls.append(x.shape) or apply_fn(p, x)  # noqa: E731
+    ragged = [inputs[0], inputs[1][:4], inputs[2]]  # batch sizes may differ
+    logits = loop.all_task_logits(counting, None, base, ragged)
+    assert calls == [(16, 4)]
+    np.testing.assert_allclose(logits[1], apply_fn(base, inputs[1][:4]), rtol=1e-5,
+                               atol=1e-6)
+    calls.clear()
+    loop.all_task_logits(counting, None, base, ragged, fuse=False)
+    assert calls == [(6, 4), (4, 4), (6, 4)]
+    calls.clear()
+    logits = loop.all_task_logits(counting, [lambda z: z, lambda z: -z, lambda z: 2 * z],
+                                  base, inputs)
+    assert calls == [(18, 4)]
+    np.testing.assert_allclose(logits[1], -apply_fn(base, inputs[1]), rtol=1e-5, atol=1e-6)

@@ -131,11 +131,10 @@ def _check_method(method: str, coefficient: str) -> Any:
     m = registry.get_method(method)
     if method == "task_arithmetic":
         return m
-    if coefficient not in getattr(m, "coefficients", ()) or coefficient not in getattr(
-            m, "per_model", ()):
+    learnable = set(getattr(m, "coefficients", ())) & set(getattr(m, "per_model", ()))
+    if coefficient not in learnable:
         raise MergeError(f"{method!r} has no differentiable per-model coefficient "
-                         f"{coefficient!r}; learnable ones: "
-                         f"{sorted(set(getattr(m, 'coefficients', ())) & set(getattr(m, 'per_model', ())))}")
+                         f"{coefficient!r}; learnable ones: {sorted(learnable)}")
     return m
 
 
@@ -219,12 +218,18 @@ def adamerging_step(apply_fn: Callable[[PyTree, Any], Any],
                     groups: CoefficientGroups, *, optimizer: optax.GradientTransformation,
                     clip: Any = None, method: str = "task_arithmetic",
                     coefficient: str = "weights",
-                    method_hparams: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+                    method_hparams: Mapping[str, Any] | None = None,
+                    fuse_tasks: bool = False) -> Callable[..., Any]:
     """AdaMerging's jit-compiled step, for custom loops:
     ``(coefficients, opt_state), loss = step((coefficients, opt_state), task_batches, base,
     models)``: merge, run every task's batch, sum the entropies, differentiate with respect
     to the ``(G, K)`` coefficients, apply the ``optimizer``'s update (and the ``clip``
     projection). ``base`` and ``models`` are arguments, not constants of the program.
+    Tasks run one after the other (`loop.summed_task_value_and_grad`: the memory of one
+    task's activations, as the reference's per-task backward); ``fuse_tasks=True`` runs
+    the merged model once on all tasks' batches together (`loop.all_task_logits`: larger
+    matmuls, all tasks' activations at once; the same numbers for a model that treats
+    examples independently).
 
     Example::
 
@@ -235,17 +240,44 @@ def adamerging_step(apply_fn: Callable[[PyTree, Any], Any],
     """
     bounds = _check_bounds(clip)
 
-    def objective(lam, base, models, task_batches):
-        params = merge_with_coefficients(base, models, lam, groups, method=method,
-                                         coefficient=coefficient,
-                                         method_hparams=method_hparams)
-        return sum(loop.entropy(loop.task_logits(apply_fn, heads, params, b, t))
-                   for t, b in enumerate(task_batches))
+    def merged(lam, base, models):
+        return merge_with_coefficients(base, models, lam, groups, method=method,
+                                       coefficient=coefficient, method_hparams=method_hparams)
+
+    def fused_loss(params, task_batches):
+        return sum(loop.entropy(logits) for logits in loop.all_task_logits(
+            apply_fn, heads, params, task_batches, fuse=True))
+
+    def task_losses(k):
+        if heads is None:
+            return [loop.entropy] * k
+        return [lambda out, head=head: loop.entropy(head(out)) for head in heads]
 
     @jax.jit
     def step(state, task_batches, base, models):
         lam, opt_state = state
-        loss, grad = jax.value_and_grad(objective)(lam, base, models, task_batches)
+        params, merge_vjp = jax.vjp(lambda lam: merged(lam, base, models), lam)
+        # Differentiate the loss in the merged params' floating leaves only (the others,
+        # e.g. step counters, are the base's), then pull back to the coefficients.
+        leaves, treedef = jax.tree.flatten(params)
+        floating = [is_float(x) for x in leaves]
+
+        def full(float_leaves):
+            it = iter(float_leaves)
+            return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floating)])
+
+        float_leaves = [x for x, f in zip(leaves, floating) if f]
+        if fuse_tasks:
+            loss, grads = jax.value_and_grad(lambda fl: fused_loss(full(fl), task_batches))(
+                float_leaves)
+        else:
+            loss, grads = loop.summed_task_value_and_grad(
+                lambda fl, b: apply_fn(full(fl), b), task_losses(len(task_batches)),
+                float_leaves, task_batches)
+        it = iter(grads)
+        (grad,) = merge_vjp(treedef.unflatten([
+            next(it) if f else np.zeros(np.shape(x), jax.dtypes.float0)
+            for x, f in zip(leaves, floating)]))
         updates, opt_state = optimizer.update(grad, opt_state, lam)
         lam = optax.apply_updates(lam, updates)
         if bounds is not None:
@@ -264,8 +296,8 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
                optimizer: optax.GradientTransformation | None = None,
                clip: Any = None, method: str = "task_arithmetic",
                coefficient: str = "weights", method_hparams: Mapping[str, Any] | None = None,
-               checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-               log_every: int = 0) -> AdaMergingResult:
+               fuse_tasks: bool = False, checkpoint_dir: str | None = None,
+               checkpoint_every: int = 100, log_every: int = 0) -> AdaMergingResult:
     """AdaMerging (Yang et al. 2024, arXiv 2310.02575): learns the merge coefficients by
     minimising ``sum_t entropy(softmax(logits_t))`` on unlabeled test batches of every
     task, with optax. One jit-compiled step merges, runs the model on all tasks' batches,
@@ -279,7 +311,8 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
     steps (``max_steps``), the paper 500. ``clip=(0, 1)`` (or True) projects the
     coefficients into the box after every update (FusionBench's ``clamp_weights`` clamps
     them inside the forward instead; both keep the merge inside the box).
-    ``checkpoint_dir`` saves and resumes coefficients and optimiser state with orbax
+    ``fuse_tasks`` is `adamerging_step`'s. ``checkpoint_dir`` saves and resumes
+    coefficients and optimiser state with orbax
     (`loop.optimize`); a NaN loss stops with an error naming the last good checkpoint.
 
     Example::
@@ -306,7 +339,7 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
 
     step = adamerging_step(apply_fn, heads, groups_, optimizer=opt, clip=bounds,
                            method=method, coefficient=coefficient,
-                           method_hparams=method_hparams)
+                           method_hparams=method_hparams, fuse_tasks=fuse_tasks)
     models = list(models)
     result = loop.optimize(lambda state, b: step(state, b, base, models),
                            (coefficients, opt.init(coefficients)), draw, steps=steps,

@@ -42,6 +42,8 @@ from mergejax.tree import MergeError, PyTree
 
 __all__ = [
     "LoopResult",
+    "all_task_logits",
+    "summed_task_value_and_grad",
     "TaskBatches",
     "check_heads",
     "entropy",
@@ -79,6 +81,84 @@ def task_logits(apply_fn: ApplyFn, heads: Sequence[Head] | None, params: PyTree,
     """
     outputs = apply_fn(params, batch)
     return outputs if heads is None else heads[task](outputs)
+
+
+def all_task_logits(apply_fn: ApplyFn, heads: Sequence[Head] | None, params: PyTree,
+                    task_batches: Sequence[Any], *, fuse: bool = True) -> list[jax.Array]:
+    """Every task's logits for the same ``params``, one batch per task.
+
+    With ``fuse=True`` and batches of the same structure and trailing shapes, the model
+    runs once on their concatenation (one larger batch: bigger, faster matmuls) and its
+    outputs are split back per task; this equals per-task calls for any ``apply_fn`` that
+    treats examples independently (inference-mode models). ``fuse=False`` calls
+    ``apply_fn`` once per task.
+
+    Example::
+
+        logits = all_task_logits(embed, heads, merged, (batch_a, batch_b))
+    """
+    batches = list(task_batches)
+    shapes = [jax.tree.map(lambda x: jnp.shape(x)[1:], b) for b in batches]
+    structures = [jax.tree.structure(b) for b in batches]
+    fusable = fuse and len(batches) > 1 and all(
+        st == structures[0] and sh == shapes[0] for st, sh in zip(structures, shapes))
+    if not fusable:
+        return [task_logits(apply_fn, heads, params, b, t) for t, b in enumerate(batches)]
+    sizes = [jax.tree.leaves(b)[0].shape[0] for b in batches]
+    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *batches)
+    outputs = apply_fn(params, joined)
+    bounds = np.cumsum(sizes)[:-1].tolist()
+    parts = jax.tree.map(lambda y: jnp.split(y, bounds, axis=0), outputs)
+    per_task = [jax.tree.map(lambda p, t=t: p[t], parts, is_leaf=lambda x: isinstance(x, list))
+                for t in range(len(batches))]
+    return [out if heads is None else heads[t](out) for t, out in enumerate(per_task)]
+
+
+def summed_task_value_and_grad(apply_fn: ApplyFn,
+                               task_losses: Sequence[Callable[[Any], jax.Array]],
+                               params: PyTree, task_batches: Sequence[Any]
+                               ) -> tuple[jax.Array, PyTree]:
+    """``sum_t task_losses[t](apply_fn(params, batches[t]))`` and its gradient with respect
+    to ``params``, one task after the other, so that only one task's activations are alive
+    at a time (the memory of a per-task ``loss.backward()`` loop, inside one jit).
+
+    Batches of one structure and shape are stacked and scanned (`jax.lax.scan`): the model
+    is traced once and the task's loss (a scalar) picked by `jax.lax.switch`. Other
+    batches run in an unrolled loop. Use inside ``jax.jit``.
+
+    Example::
+
+        losses = [lambda out, h=h: entropy(h(out)) for h in heads]
+        loss, grads = summed_task_value_and_grad(embed, losses, merged, batches)
+    """
+    batches = list(task_batches)
+    if len(task_losses) != len(batches):
+        raise MergeError(f"got {len(task_losses)} task losses for {len(batches)} batches")
+
+    def value_and_grad(p, b, loss_of_outputs):
+        return jax.value_and_grad(lambda q: loss_of_outputs(apply_fn(q, b)))(p)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    same = all(jax.tree.structure(b) == jax.tree.structure(batches[0])
+               and jax.tree.map(jnp.shape, b) == jax.tree.map(jnp.shape, batches[0])
+               for b in batches)
+    if not same:
+        total, grads = jnp.zeros(()), zeros
+        for b, loss_of_outputs in zip(batches, task_losses):
+            loss, g = value_and_grad(params, b, loss_of_outputs)
+            total, grads = total + loss, jax.tree.map(jnp.add, grads, g)
+        return total, grads
+
+    def body(carry, xs):
+        total, grads = carry
+        t, b = xs
+        loss, g = value_and_grad(params, b, lambda out: jax.lax.switch(t, task_losses, out))
+        return (total + loss, jax.tree.map(jnp.add, grads, g)), None
+
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    (total, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
+                                     (jnp.arange(len(batches)), stacked))
+    return total, grads
 
 
 def entropy(logits: jax.Array) -> jax.Array:

@@ -452,10 +452,11 @@ def surgery(base: PyTree, models: Sequence[PyTree], *,
     ``clip_layer_wise_adamerging_surgery``: rank 16 (SurgeryV2's code: 4 for ViT-L/14),
     no biases, Adam lr 1e-3, 1000 steps of one batch per task (FusionBench
     ``surgery_steps``; the official script's 500 iterations of two batches is the same
-    count), batch size 16 (the caller's batches). The merged model is ``mergejax.merge(merge, base, models,
-    **merge_hparams)`` (task arithmetic with ``scale=0.3`` by default, the paper's
-    setting), or ``merged`` when given. The surgery sits on ``apply_fn``'s output,
-    before the heads (CLIP's heads normalise after it).
+    count), batch size 16 (the caller's batches). The merged model is
+    ``mergejax.merge(merge, base, models, **merge_hparams)`` (task arithmetic with
+    ``scale=0.3`` by default, the paper's setting), or ``merged`` when given. The
+    surgery sits on ``apply_fn``'s output, before the heads (CLIP's heads normalise
+    after it).
 
     Args:
       base, models: the pretrained params and the fine-tuned experts (one per task).

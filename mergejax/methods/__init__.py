@@ -13,5 +13,5 @@ from mergejax.methods import (
     subspace,
 )
 
-__all__ = ["basic", "data_aware", "datafree", "decomposition", "masking", "projection", "soups", "sparse",
-           "spectral", "subspace"]
+__all__ = ["basic", "data_aware", "datafree", "decomposition", "masking", "projection", "soups",
+           "sparse", "spectral", "subspace"]
