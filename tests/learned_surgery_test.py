@@ -1,9 +1,9 @@
-"""Representation surgery (`mergejax.learned.representation_surgery`) against NumPy
-references written here from the papers' definitions: Surgery (arXiv 2402.02705)
-z_hat = z - ReLU(z W_d) W_u with an L1 objective to the experts' features; SurgeryV2
-(arXiv 2410.14389) the same module after every block, the corrected output flowing on, L1 summed over blocks (token
-mean) and the output; ProbSurgery (ICML 2025) the Gaussian KL to N(0, I), mean at
-inference. The toy model is a two-block Flax Linen MLP.
+"""Representation surgery (`mergejax.learned.representation_surgery`) against NumPy references
+written here from the papers' definitions: Surgery (arXiv 2402.02705) z_hat = z - ReLU(z
+W_d) W_u with an L1 objective to the experts' features; SurgeryV2 (arXiv 2410.14389) the
+same module after every block, the corrected output flowing on, L1 summed over blocks (token
+mean) and the output; ProbSurgery (ICML 2025) the Gaussian KL to N(0, I), mean at inference.
+The toy model is a two-block Flax Linen MLP.
 """
 
 from __future__ import annotations
