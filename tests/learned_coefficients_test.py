@@ -155,7 +155,7 @@ def test_step_gradient_matches_finite_differences(granularity):
 def test_heads_are_applied_per_task():
     with x64():
         base, models, inputs = setup(6, jnp.float64)
-        # Heads with different numbers of classes (the scanned path picks each task's loss).
+        # Heads with different numbers of classes.
         heads_np = [np.random.default_rng(10 + t).standard_normal((3, 2 + t))
                     for t in range(K)]
         heads = [lambda out, h=h: out @ jnp.asarray(h) for h in heads_np]
@@ -180,9 +180,9 @@ def test_adamerging_lowers_entropy_and_compiles_once():
     result = mergejax.adamerging(base, models, apply_fn=counting_apply,
                                  batches=cycles(inputs), steps=30, learning_rate=0.05)
     assert result.losses[-1] < result.losses[0] - 0.05
-    # One trace of the step (the tasks are scanned: the model is traced once); the final
-    # merge does not apply the model.
-    assert len(traces) == 1
+    # One trace of the step (the tasks are unrolled: K calls); later steps reuse it, and
+    # the final merge does not apply the model.
+    assert len(traces) == K
     assert result.coefficients.shape == (3, K)
     expected = np_merge(base, models, np.asarray(result.coefficients, np.float64),
                         {p: i for i, p in enumerate(PATHS)})
@@ -338,7 +338,7 @@ def test_fused_and_per_task_forward_agree():
     (single, _), loss_single = outs[1]
     np.testing.assert_allclose(loss_fused, loss_single, rtol=1e-6)
     np.testing.assert_allclose(fused, single, rtol=1e-5, atol=1e-6)
-    # Batches of different sizes cannot be scanned: the unrolled per-task path.
+    # Batches of different sizes.
     ragged = (inputs[0], inputs[1][:4], inputs[2])
     state = (lam, optax.sgd(1.0).init(lam))
     results = [coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0),

@@ -119,12 +119,15 @@ def summed_task_value_and_grad(apply_fn: ApplyFn,
                                params: PyTree, task_batches: Sequence[Any]
                                ) -> tuple[jax.Array, PyTree]:
     """``sum_t task_losses[t](apply_fn(params, batches[t]))`` and its gradient with respect
-    to ``params``, one task after the other, so that only one task's activations are alive
-    at a time (the memory of a per-task ``loss.backward()`` loop, inside one jit).
+    to ``params``: one forward and backward per task (each task's batch at its own size,
+    as the reference's per-task ``loss.backward()``), summed, inside one jit.
 
-    Batches of one structure and shape are stacked and scanned (`jax.lax.scan`): the model
-    is traced once and the task's loss (a scalar) picked by `jax.lax.switch`. Other
-    batches run in an unrolled loop. Use inside ``jax.jit``.
+    The tasks are unrolled and chained by `jax.lax.optimization_barrier` (task t+1 starts
+    from the gradient sum of tasks <= t). Measured on XLA:CPU (ViT-B/32, 16 images per
+    task): unrolled, 2 tasks took 6.0-6.5 s against 10.7 s for a ``lax.scan`` over them
+    and 7.1 s for two separate calls; with 8 tasks the compiled step still holds about 17
+    models' worth of temporaries (a scan holds fewer, at 1.5x the time). Use inside
+    ``jax.jit``.
 
     Example::
 
@@ -134,30 +137,11 @@ def summed_task_value_and_grad(apply_fn: ApplyFn,
     batches = list(task_batches)
     if len(task_losses) != len(batches):
         raise MergeError(f"got {len(task_losses)} task losses for {len(batches)} batches")
-
-    def value_and_grad(p, b, loss_of_outputs):
-        return jax.value_and_grad(lambda q: loss_of_outputs(apply_fn(q, b)))(p)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    same = all(jax.tree.structure(b) == jax.tree.structure(batches[0])
-               and jax.tree.map(jnp.shape, b) == jax.tree.map(jnp.shape, batches[0])
-               for b in batches)
-    if not same:
-        total, grads = jnp.zeros(()), zeros
-        for b, loss_of_outputs in zip(batches, task_losses):
-            loss, g = value_and_grad(params, b, loss_of_outputs)
-            total, grads = total + loss, jax.tree.map(jnp.add, grads, g)
-        return total, grads
-
-    def body(carry, xs):
-        total, grads = carry
-        t, b = xs
-        loss, g = value_and_grad(params, b, lambda out: jax.lax.switch(t, task_losses, out))
-        return (total + loss, jax.tree.map(jnp.add, grads, g)), None
-
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
-    (total, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros),
-                                     (jnp.arange(len(batches)), stacked))
+    total, grads = jnp.zeros(()), jax.tree.map(jnp.zeros_like, params)
+    for b, loss_of_outputs in zip(batches, task_losses):
+        params, b, total, grads = jax.lax.optimization_barrier((params, b, total, grads))
+        loss, g = jax.value_and_grad(lambda q: loss_of_outputs(apply_fn(q, b)))(params)
+        total, grads = total + loss, jax.tree.map(jnp.add, grads, g)
     return total, grads
 
 
