@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from mergejax.learned.loop import check_heads, task_logits
+from mergejax.learned.loop import check_heads, check_task_batches, task_logits
 from mergejax.tree import MergeError, PyTree, is_float
 
 __all__ = [
@@ -383,11 +383,7 @@ def nnx_dense_input_grams(model: nnx.Module, batches: Iterable[Any], *,
 def _check_tasks(name: str, models: Sequence[PyTree], batches: Sequence[Any]) -> None:
     if isinstance(models, dict) or not isinstance(models, Sequence) or not models:
         raise MergeError(f"{name}: models must be a non-empty list of pytrees")
-    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence):
-        raise MergeError(f"{name}: batches must be a sequence of iterables, one per task")
-    if len(batches) != len(models):
-        raise MergeError(f"{name}: got {len(batches)} batch iterables for {len(models)} "
-                         "models; give one per task, in the models' order")
+    check_task_batches(batches, len(models), name)
 
 
 def task_fishers(apply_fn: Callable[[PyTree, Any], Any], models: Sequence[PyTree],

@@ -239,7 +239,7 @@ def test_bad_inputs():
     with pytest.raises(MergeError, match=r"task 2's batches ran out at step 3"):
         mergejax.adamerging(base, models, apply_fn=apply_fn,
                             batches=cycles(inputs[:2]) + [iter([inputs[2]] * 3)], steps=5)
-    with pytest.raises(MergeError, match="got 2 batch iterators for 3 models"):
+    with pytest.raises(MergeError, match="got 2 batch iterables for 3 models"):
         mergejax.adamerging(base, models, apply_fn=apply_fn, batches=cycles(inputs[:2]))
     with pytest.raises(MergeError, match="got 2 heads for 3 models"):
         mergejax.adamerging(base, models, apply_fn=apply_fn, batches=cycles(inputs),
@@ -361,3 +361,13 @@ def test_fused_and_per_task_forward_agree():
                                   base, inputs)
     assert calls == [(18, 4)]
     np.testing.assert_allclose(logits[1], -apply_fn(base, inputs[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_task_batches_peek_gives_the_first_batches_back():
+    draw = loop.TaskBatches([iter([1, 2, 3]), iter("abc")], "t", 2)
+    assert draw.peek() == (1, "a") and draw.peek() == (1, "a")
+    assert draw(0) == (1, "a") and draw(1) == (2, "b") and draw(2) == (3, "c")
+    with pytest.raises(MergeError, match="t: task 0's batches ran out at step 3"):
+        draw(3)
+    with pytest.raises(MergeError, match="batches must be a sequence of iterables"):
+        loop.TaskBatches(iter([]), "t", 2)

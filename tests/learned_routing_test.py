@@ -408,7 +408,7 @@ def _twin(**kw):
 @pytest.mark.parametrize("method", [_wemoe, _twin])
 @pytest.mark.parametrize("kw,match", [
     ({"heads": [lambda o: o]}, "got 1 heads for 2 models"),
-    ({"batches": [cycle(np.zeros((2, 3, 3)))]}, "got 1 batch iterators for 2 models"),
+    ({"batches": [cycle(np.zeros((2, 3, 3)))]}, "got 1 batch iterables for 2 models"),
     ({"batches": [[np.zeros((2, 3, 3), np.float32)]] * K}, "ran out at step 1"),
     ({"apply_fn": None}, "apply_fn must be a function"),
     ({"learning_rate": 0.0}, "learning_rate must be a finite number > 0"),

@@ -324,7 +324,7 @@ def test_checkpoint_resume_reproduces_the_run(method, tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     ({"heads": HEADS[:1]}, "1 heads for 2 models"),
-    ({"batches": batches()[:1]}, "1 batch iterators for 2 models"),
+    ({"batches": batches()[:1]}, "1 batch iterables for 2 models"),
     ({"batches": [iter(DATA[0][:2]), itertools.cycle(DATA[1])]}, "task 0's batches ran out"),
     ({"merge": "no_such_method"}, "unknown merge method 'no_such_method'"),
     ({"merge_hparams": {"density": 0.5}}, "unknown hyperparameter"),

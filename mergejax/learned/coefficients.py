@@ -40,7 +40,7 @@ import optax
 
 from mergejax import registry
 from mergejax.learned import loop
-from mergejax.learned.search import CMAES, ask_tell_loop
+from mergejax.learned.search import CMAES, ask_tell_loop, check_steps
 from mergejax.methods import sparse
 from mergejax.tree import (
     MergeError,
@@ -429,8 +429,7 @@ def evolutionary(base: PyTree, models: Sequence[PyTree], *,
         raise MergeError("evolutionary: fitness must be a function params -> float")
     groups_ = coefficient_groups(base, granularity, groups)
     shape = (len(groups_.names), len(models))
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise MergeError(f"evolutionary: steps must be a positive int, got {steps!r}")
+    check_steps(steps)
     strategy = CMAES.create(int(np.prod(shape)), popsize, bounds)
     state = strategy.init(np.full(int(np.prod(shape)), float(init), np.float32), sigma0)
     models = list(models)

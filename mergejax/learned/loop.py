@@ -43,6 +43,7 @@ from mergejax.tree import MergeError, PyTree
 __all__ = [
     "LoopResult",
     "all_task_logits",
+    "check_task_batches",
     "summed_task_value_and_grad",
     "TaskBatches",
     "check_heads",
@@ -158,6 +159,16 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
 
 
+def check_task_batches(batches: Any, num_tasks: int, name: str) -> None:
+    """Raises `MergeError` unless ``batches`` is a sequence of ``num_tasks`` iterables."""
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence):
+        raise MergeError(f"{name}: batches must be a sequence of iterables, one per task, "
+                         f"got {type(batches).__name__}")
+    if len(batches) != num_tasks:
+        raise MergeError(f"{name}: got {len(batches)} batch iterables for {num_tasks} "
+                         "models; give one per task, in the models' order")
+
+
 class TaskBatches:
     """One batch per task per step from K iterators, with a clear error when one runs dry.
 
@@ -168,16 +179,22 @@ class TaskBatches:
     """
 
     def __init__(self, batches: Sequence[Iterable[Any]], name: str, num_tasks: int):
-        if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence):
-            raise MergeError(f"{name}: batches must be a sequence of iterators, one per "
-                             f"task, got {type(batches).__name__}")
-        if len(batches) != num_tasks:
-            raise MergeError(f"{name}: got {len(batches)} batch iterators for {num_tasks} "
-                             "models; give one per task, in the models' order")
+        check_task_batches(batches, num_tasks, name)
         self._iterators: list[Iterator[Any]] = [iter(b) for b in batches]
         self._name = name
+        self._peeked: tuple[Any, ...] | None = None
+
+    def peek(self) -> tuple[Any, ...]:
+        """The first step's batches, drawn now and returned again by the next call (to
+        trace a model on real shapes before the loop starts)."""
+        if self._peeked is None:
+            self._peeked = self(0)
+        return self._peeked
 
     def __call__(self, step: int) -> tuple[Any, ...]:
+        if self._peeked is not None:
+            out, self._peeked = self._peeked, None
+            return out
         out = []
         for t, it in enumerate(self._iterators):
             try:

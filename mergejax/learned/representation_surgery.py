@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -400,11 +399,8 @@ def _setup(name: str, base: PyTree, models: Sequence[PyTree], *, apply_fn: Apply
                              f"hyperparameters, got {type(merge_hparams).__name__}")
         merged = registry.merge(merge, base, models, **merge_hparams)
     check_compatible(models[0], [merged], reference_name="models[0]", other_name="merged")
-    TaskBatches(batches, name, len(models))  # checks the sequence and its length
-    iterators = [iter(b) for b in batches]
-    first = TaskBatches(iterators, name, len(models))(0)
-    draw = TaskBatches([itertools.chain([f], it) for f, it in zip(first, iterators)], name,
-                       len(models))
+    draw = TaskBatches(batches, name, len(models))
+    first = draw.peek()
     init_key, noise_key = jax.random.split(key)
     return _Setup(merged, models, None if heads is None else tuple(heads), first, draw,
                   init_key, noise_key, _adam(float(learning_rate)))

@@ -335,11 +335,6 @@ def _check_wemoe(routed: Any, init_lambda: Any, router_hidden_layers: Any) -> No
                          f"{router_hidden_layers!r}")
 
 
-def _replay(draw: loop.TaskBatches, first: tuple[Any, ...]) -> Callable[[int], tuple]:
-    """``draw`` with step 0's batches (already drawn to trace the model) given back."""
-    return lambda step: first if step == 0 else draw(step)
-
-
 def wemoe(base: PyTree, models: Sequence[PyTree], *, apply_fn: ApplyFn = registry.REQUIRED,
           batches: Sequence[Iterable[Any]] = registry.REQUIRED,
           heads: Sequence[Callable[[Any], Array]] | None = None,
@@ -397,7 +392,7 @@ def wemoe(base: PyTree, models: Sequence[PyTree], *, apply_fn: ApplyFn = registr
     _check_wemoe(routed, init_lambda, router_hidden_layers)
     draw = loop.TaskBatches(batches, name, k)
     heads = None if heads is None else tuple(heads)
-    first = draw(0)
+    first = draw.peek()
 
     layout, widths = _discover(apply_fn, base, first[0], routed)
     paths, base_leaves, treedef = flatten_with_paths(base)
@@ -433,7 +428,7 @@ def wemoe(base: PyTree, models: Sequence[PyTree], *, apply_fn: ApplyFn = registr
     step = functools.partial(_wemoe_step, params=params, experts=experts, apply_fn=apply_fn,
                              heads=heads, layout=layout, batch_reduce=bool(batch_reduce),
                              optimizer=optimizer)
-    trained = loop.optimize(step, (routers, optimizer.init(routers)), _replay(draw, first),
+    trained = loop.optimize(step, (routers, optimizer.init(routers)), draw,
                             steps=steps, name=name, checkpoint_dir=checkpoint_dir,
                             checkpoint_every=checkpoint_every, log_every=log_every)
     return WEMoEResult(params, experts, trained.state[0], layout, apply_fn, heads,
@@ -705,7 +700,7 @@ def twin_merging(base: PyTree, models: Sequence[PyTree], *,
     shared_params = registry.merge(shared, base, models, **hparams)
     exclusive = exclusive_knowledge(shared_params, models, rank=rank)
 
-    first = draw(0)
+    first = draw.peek()
     width = jax.eval_shape(functools.partial(_twin_features, apply_fn), shared_params,
                            first[0]).shape[-1]
     hidden = 2 * width if router_hidden is None else router_hidden
@@ -713,7 +708,7 @@ def twin_merging(base: PyTree, models: Sequence[PyTree], *,
                        None)
     step = functools.partial(_twin_step, shared=shared_params, apply_fn=apply_fn,
                              optimizer=optimizer)
-    trained = loop.optimize(step, (router, optimizer.init(router)), _replay(draw, first),
+    trained = loop.optimize(step, (router, optimizer.init(router)), draw,
                             steps=steps, name=name, checkpoint_dir=checkpoint_dir,
                             checkpoint_every=checkpoint_every, log_every=log_every)
     return TwinMergingResult(shared_params, exclusive, trained.state[0], apply_fn, heads,

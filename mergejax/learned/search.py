@@ -51,7 +51,8 @@ from jax import lax
 
 from mergejax.tree import MergeError
 
-__all__ = ["CMAES", "CMAState", "SearchResult", "ask_tell_loop", "cma_es", "default_popsize"]
+__all__ = ["CMAES", "CMAState", "SearchResult", "ask_tell_loop", "check_steps", "cma_es",
+           "default_popsize"]
 
 Array = jax.Array
 Bounds = tuple[Any, Any] | None
@@ -296,7 +297,8 @@ def _run(strategy: CMAES, fitness: Callable[[Array], Array], steps: int, state: 
     return lax.scan(generation, state, jax.random.split(key, steps))
 
 
-def _check_steps(steps: Any) -> None:
+def check_steps(steps: Any) -> None:
+    """Raises `MergeError` unless ``steps`` (generations) is a positive int."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise MergeError(f"steps must be a positive int (generations), got {steps!r}")
 
@@ -331,7 +333,7 @@ def cma_es(fitness: Callable[[Array], Any], x0: Any, sigma0: float, steps: int,
     x = np.asarray(x0)
     if x.ndim != 1:
         raise MergeError(f"x0 must be a vector (1-D), got shape {x.shape}")
-    _check_steps(steps)
+    check_steps(steps)
     strategy = CMAES.create(x.shape[0], popsize, bounds)
     state = strategy.init(x, sigma0)
     if vectorized:

@@ -42,12 +42,17 @@ __all__ = ["backbones", "reference_rows", "run_method", "run_methods", "suite_in
            "task_accuracies", "validation_score"]
 
 
+def _is_model_list(merged: Any) -> bool:
+    """A list or tuple of models (not a NamedTuple result such as `AdaMergingResult`)."""
+    return isinstance(merged, (list, tuple)) and not hasattr(merged, "_fields")
+
+
 def backbones(merged: Any) -> Any:
     """What a method returned, as the suite evaluates it: one backbone, or a list with one
     per task (results with ``.params`` give their params)."""
     if hasattr(merged, "task_models"):
         return merged.task_models()
-    if isinstance(merged, (list, tuple)) and not hasattr(merged, "_fields"):
+    if _is_model_list(merged):
         return list(merged)
     return merged.params if hasattr(merged, "params") else merged
 
@@ -167,7 +172,7 @@ def _merge(method, suite: Suite, hparams: Mapping[str, Any]):
 def _note(method, merged: Any) -> str:
     if hasattr(merged, "task_models") or hasattr(merged, "predict"):
         return f"keeps {getattr(method, 'keeps', None) or 'per-task state'}"
-    if isinstance(merged, (list, tuple)) and not hasattr(merged, "_fields"):
+    if _is_model_list(merged):
         return "one backbone per task"
     return "learned; time includes compilation" if isinstance(
         method, registry.FunctionMethod) else ""
