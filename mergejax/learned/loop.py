@@ -28,6 +28,7 @@ checkpoint, which is never overwritten by the bad state.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -43,6 +45,7 @@ from mergejax.tree import MergeError, PyTree
 __all__ = [
     "LoopResult",
     "all_task_logits",
+    "cached_adam",
     "check_task_batches",
     "summed_task_value_and_grad",
     "TaskBatches",
@@ -54,6 +57,19 @@ __all__ = [
 
 ApplyFn = Callable[[PyTree, Any], Any]
 Head = Callable[[Any], jax.Array]
+
+
+@functools.cache
+def cached_adam(learning_rate: float) -> optax.GradientTransformation:
+    """``optax.adam(learning_rate)`` (betas 0.9, 0.999 as the references), one object per
+    rate: jitted steps that take the optimizer as a static argument then reuse their
+    compilation across repeated merges.
+
+    Example::
+
+        opt = cached_adam(1e-3)
+    """
+    return optax.adam(learning_rate)
 
 
 def check_heads(heads: Sequence[Head] | None, num_tasks: int, name: str) -> None:

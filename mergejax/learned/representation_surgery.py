@@ -61,6 +61,7 @@ from mergejax.learned.loop import (
     ApplyFn,
     Head,
     TaskBatches,
+    cached_adam,
     check_heads,
     optimize,
     task_logits,
@@ -293,12 +294,6 @@ def _pool(h: Array) -> Array:
     return jnp.mean(h, axis=tuple(range(1, h.ndim - 1))) if h.ndim > 2 else h
 
 
-@functools.cache
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    """Adam with the official betas (0.9, 0.999); cached so that reruns hit the jit cache."""
-    return optax.adam(learning_rate, b1=0.9, b2=0.999)
-
-
 def _update(optimizer, loss_fn, modules, opt_state):
     loss, grads = jax.value_and_grad(loss_fn)(modules)
     updates, opt_state = optimizer.update(grads, opt_state, modules)
@@ -403,7 +398,7 @@ def _setup(name: str, base: PyTree, models: Sequence[PyTree], *, apply_fn: Apply
     first = draw.peek()
     init_key, noise_key = jax.random.split(key)
     return _Setup(merged, models, None if heads is None else tuple(heads), first, draw,
-                  init_key, noise_key, _adam(float(learning_rate)))
+                  init_key, noise_key, cached_adam(float(learning_rate)))
 
 
 def _feature_dim(name: str, shape: Any, what: str) -> int:

@@ -105,14 +105,7 @@ def _check_common(name: str, apply_fn: Any, heads: Any, k: int, learning_rate: A
             and learning_rate > 0):
         raise MergeError(f"{name}: learning_rate must be a finite number > 0, got "
                          f"{learning_rate!r}")
-    return _adam(float(learning_rate))
-
-
-@functools.cache
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    """One ``optax.adam`` per learning rate: the jitted steps take the optimizer as a static
-    argument, so repeated merges with the same model and heads reuse their compilation."""
-    return optax.adam(learning_rate)
+    return loop.cached_adam(float(learning_rate))
 
 
 def _init_mlp(key: Array, sizes: Sequence[int], std: float | None,
