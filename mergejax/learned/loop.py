@@ -73,7 +73,12 @@ def cached_adam(learning_rate: float) -> optax.GradientTransformation:
 
 
 def check_heads(heads: Sequence[Head] | None, num_tasks: int, name: str) -> None:
-    """Raises `MergeError` unless ``heads`` is None or one callable per task."""
+    """Raises `MergeError` unless ``heads`` is None or one callable per task.
+
+    Example::
+
+        check_heads([head_a, head_b], num_tasks=2, name="adamerging")
+    """
     if heads is None:
         return
     if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence):
@@ -176,7 +181,12 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 
 def check_task_batches(batches: Any, num_tasks: int, name: str) -> None:
-    """Raises `MergeError` unless ``batches`` is a sequence of ``num_tasks`` iterables."""
+    """Raises `MergeError` unless ``batches`` is a sequence of ``num_tasks`` iterables.
+
+    Example::
+
+        check_task_batches([batches_a, batches_b], num_tasks=2, name="task_grams")
+    """
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence):
         raise MergeError(f"{name}: batches must be a sequence of iterables, one per task, "
                          f"got {type(batches).__name__}")

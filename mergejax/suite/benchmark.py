@@ -60,7 +60,12 @@ def backbones(merged: Any) -> Any:
 def task_accuracies(suite: Suite, merged: Any, split: str = "test",
                     batch_size: int = 1024) -> dict[str, float]:
     """Per-task accuracy of whatever a method returned: through its ``predict(task,
-    inputs)`` when it has one, else of its backbone(s) with the frozen heads."""
+    inputs)`` when it has one, else of its backbone(s) with the frozen heads.
+
+    Example::
+
+        task_accuracies(suite, mergejax.surgery(suite.pretrained, suite.experts, **data))
+    """
     if not hasattr(merged, "predict"):
         return suite.accuracies(backbones(merged), split=split)
     out = {}
@@ -108,7 +113,15 @@ VALIDATION_BATCHES = ("regmean_pp", "twin_merging")
 def suite_inputs(suite: Suite, batch_size: int = 16, batch_split: str = "test"
                  ) -> dict[str, Callable[[], Any]]:
     """What the suite can give a method that learns from data, by hyperparameter name (each
-    built on demand; see the module docstring). ``batches`` come from ``batch_split``."""
+    built on demand; see the module docstring). ``batches`` come from ``batch_split``.
+
+    Example::
+
+        make = suite_inputs(suite)
+        result = mergejax.adamerging(suite.pretrained, suite.experts,
+                                     apply_fn=make["apply_fn"](), heads=make["heads"](),
+                                     batches=make["batches"](), steps=100)
+    """
     model = suite.model
 
     def apply_fn(params, images):
