@@ -175,8 +175,9 @@ def _run_binary(tmp_path, *overrides):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_benchmark_binary_end_to_end(tmp_path):
-    result = _run_binary(tmp_path)
+def _end_to_end(tmp_path, *overrides) -> dict:
+    """Runs the binary and checks its outputs; returns the rows by method."""
+    result = _run_binary(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "task_arithmetic" in result.stdout and "pretrained" in result.stdout
     out = tmp_path / "results" / "benchmark"
@@ -185,9 +186,23 @@ def test_benchmark_binary_end_to_end(tmp_path):
     assert any((tmp_path / "cache" / "suite").glob("suite-*/meta.json"))
     with open(out / "results.json") as f:
         rows = {r["method"]: r for r in json.load(f)["rows"]}
+    assert 0.0 <= rows["linear"]["average"] <= 1.0
+    return rows
+
+
+def test_benchmark_binary_end_to_end(tmp_path):
+    """One method of each kind: tuning-free, searched, spectral, learned, predict()-style."""
+    names = ("linear", "task_arithmetic", "ties", "tsv_m", "adamerging", "surgery")
+    rows = _end_to_end(tmp_path, f"--config.methods={names!r}")
+    assert set(names) <= set(rows)
+    assert all(0.0 <= rows[n]["average"] <= 1.0 for n in names)
+
+
+@pytest.mark.slow
+def test_benchmark_binary_end_to_end_every_method(tmp_path):
+    rows = _end_to_end(tmp_path)
     import mergejax  # pylint: disable=import-outside-toplevel
     assert set(mergejax.list_methods()) <= set(rows)
-    assert 0.0 <= rows["linear"]["average"] <= 1.0
 
 
 def test_unknown_method_in_config_fails_before_training(tmp_path):
