@@ -44,7 +44,8 @@ from mergejax.tree import (
     is_float,
 )
 
-__all__ = ["REQUIRED", "LeafContext", "MergeMethod", "StatisticsPass", "leaf_key", "leafwise"]
+__all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "leaf_key",
+           "leafwise"]
 
 REQUIRED = registry.REQUIRED
 
@@ -79,6 +80,23 @@ class StatisticsPass(NamedTuple):
 
     update: Callable[..., Any]
     finalize: Callable[..., Any] = lambda ctx, acc: acc
+
+
+class LeafPlan(NamedTuple):
+    """A method's hyperparameters resolved for every merged leaf (`MergeMethod.plan`).
+
+    Attributes:
+      paths: the merged leaves' `/`-joined paths.
+      static: per leaf, ``(path, sorted (name, value) items)`` of its static
+        hyperparameters (hashable: part of the compiled function's cache key).
+      coefficients: per coefficient name, one float array per leaf (traced).
+      out_dtypes: per leaf, the output dtype's name.
+    """
+
+    paths: tuple[str, ...]
+    static: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    coefficients: dict[str, list[Any]]
+    out_dtypes: tuple[str, ...]
 
 
 def _summed(per_leaf: Callable[..., Any]) -> StatisticsPass:
@@ -198,6 +216,42 @@ class MergeMethod:
                  key: jax.Array | None = None, out_dtype: Any = None,
                  check_finite: bool = True, **hparams: Any) -> PyTree:
         models = self._check_models(base, models)
+        reference = base if base is not None else models[0]
+        paths, ref_leaves, treedef = flatten_with_paths(reference)
+        model_leaves = [jax.tree.leaves(m) for m in models]
+        base_leaves = jax.tree.leaves(base) if base is not None else None
+        merged = [i for i, leaf in enumerate(ref_leaves) if is_float(leaf)]
+        plan = self.plan([paths[i] for i in merged], [ref_leaves[i] for i in merged],
+                         len(models), key=key, out_dtype=out_dtype, **hparams)
+        outs, peaks = _run_kernels(
+            self, plan.static, plan.out_dtypes, bool(check_finite),
+            [base_leaves[i] for i in merged] if base_leaves is not None else None,
+            [tuple(ml[i] for ml in model_leaves) for i in merged],
+            plan.coefficients, key)
+        if peaks and not _is_tracer(peaks[0]):
+            self._raise_if_not_finite(peaks, merged, plan.paths, base_leaves, model_leaves)
+
+        leaves = list(ref_leaves)
+        for i, out in zip(merged, outs):
+            leaves[i] = out
+        return treedef.unflatten(leaves)
+
+    def plan(self, paths: Sequence[str], references: Sequence[Any], num_models: int, *,
+             key: jax.Array | None = None, out_dtype: Any = None,
+             **hparams: Any) -> LeafPlan:
+        """Checks ``hparams`` and resolves them for the merged (floating) leaves ``paths``.
+
+        ``references`` are those leaves of the base (or first model): arrays, or anything
+        with ``shape`` and ``dtype`` such as `jax.ShapeDtypeStruct` (what a streaming merge
+        knows before reading a tensor); per-leaf callables receive them. Raises
+        `MergeError` for unknown, missing or invalid hyperparameters and a missing key.
+
+        Example::
+
+            plan = mergejax.ties.plan(["w"], [jax.ShapeDtypeStruct((4, 4), jnp.float32)],
+                                      2, density=0.2)
+        """
+        self._check_count(num_models)
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
             raise MergeError(
@@ -209,63 +263,36 @@ class MergeMethod:
         missing = sorted(n for n, v in values.items() if v is REQUIRED)
         if missing:
             raise MergeError(f"{self.name} needs hyperparameter(s) {missing}")
+        paths, references = list(paths), list(references)
 
-        reference = base if base is not None else models[0]
-        paths, ref_leaves, treedef = flatten_with_paths(reference)
-        model_leaves = [jax.tree.leaves(m) for m in models]
-        base_leaves = jax.tree.leaves(base) if base is not None else None
-        merged = [i for i, leaf in enumerate(ref_leaves) if is_float(leaf)]
-        merged_paths = [paths[i] for i in merged]
-        merged_refs = [ref_leaves[i] for i in merged]
-
-        static_per_leaf: list[dict[str, Any]] = [{} for _ in merged]
+        static_per_leaf: list[dict[str, Any]] = [{} for _ in paths]
         coefficients: dict[str, list[Any]] = {}
         for name, value in values.items():
             if name in self.per_model:
-                per_leaf = self._resolve_per_model(name, value, len(models),
-                                                   merged_paths, merged_refs)
+                per_leaf = self._resolve_per_model(name, value, num_models, paths, references)
             else:
-                per_leaf = rules_lib.resolve_per_leaf(value, merged_paths, merged_refs,
-                                                      name=name)
+                per_leaf = rules_lib.resolve_per_leaf(value, paths, references, name=name)
             if name in self.coefficients:
-                shape = (len(models),) if name in self.per_model else ()
-                coefficients[name] = _per_leaf_coefficients(name, per_leaf, merged_paths, shape)
+                shape = (num_models,) if name in self.per_model else ()
+                coefficients[name] = _per_leaf_coefficients(name, per_leaf, paths, shape)
             else:
                 for j, v in enumerate(per_leaf):
-                    static_per_leaf[j][name] = _hashable(v, name, merged_paths[j])
+                    static_per_leaf[j][name] = _hashable(v, name, paths[j])
         if self.validate is not None:
-            self.validate(merged_paths, static_per_leaf)
-
-        plan = tuple((p, tuple(sorted(s.items()))) for p, s in zip(merged_paths, static_per_leaf))
-        out_dtypes = tuple(
-            jnp.dtype(out_dtype if out_dtype is not None else ref_leaves[i].dtype).name
-            for i in merged)
-        outs, peaks = _run_kernels(
-            self, plan, out_dtypes, bool(check_finite),
-            [base_leaves[i] for i in merged] if base_leaves is not None else None,
-            [tuple(ml[i] for ml in model_leaves) for i in merged],
-            coefficients, key)
-        if peaks and not _is_tracer(peaks[0]):
-            self._raise_if_not_finite(peaks, merged, merged_paths, base_leaves, model_leaves)
-
-        leaves = list(ref_leaves)
-        for i, out in zip(merged, outs):
-            leaves[i] = out
-        return treedef.unflatten(leaves)
+            self.validate(paths, static_per_leaf)
+        return LeafPlan(
+            paths=tuple(paths),
+            static=tuple((p, tuple(sorted(s.items()))) for p, s in zip(paths, static_per_leaf)),
+            coefficients=coefficients,
+            out_dtypes=tuple(jnp.dtype(out_dtype if out_dtype is not None else r.dtype).name
+                             for r in references))
 
     def _check_models(self, base: PyTree | None, models: Sequence[PyTree]) -> list[PyTree]:
         if isinstance(models, dict) or not isinstance(models, Sequence):
             raise MergeError(
                 f"{self.name}: models must be a list of pytrees, got {type(models).__name__}")
         models = list(models)
-        if not models:
-            raise MergeError(f"{self.name}: models is empty; give at least one model")
-        if len(models) < self.min_models:
-            raise MergeError(f"{self.name} needs at least {self.min_models} models, "
-                             f"got {len(models)}")
-        if self.max_models is not None and len(models) > self.max_models:
-            raise MergeError(f"{self.name} takes at most {self.max_models} models, "
-                             f"got {len(models)}")
+        self._check_count(len(models))
         if self.needs_base and base is None:
             raise MergeError(f"{self.name} needs a base (pretrained) model; got base=None")
         if base is not None:
@@ -273,6 +300,16 @@ class MergeMethod:
         else:
             check_compatible(models[0], models[1:], reference_name="models[0]")
         return models
+
+    def _check_count(self, num_models: int) -> None:
+        if num_models == 0:
+            raise MergeError(f"{self.name}: models is empty; give at least one model")
+        if num_models < self.min_models:
+            raise MergeError(f"{self.name} needs at least {self.min_models} models, "
+                             f"got {num_models}")
+        if self.max_models is not None and num_models > self.max_models:
+            raise MergeError(f"{self.name} takes at most {self.max_models} models, "
+                             f"got {num_models}")
 
     def _resolve_per_model(self, name: str, value: Any, k: int, paths: list[str],
                            refs: list[Any]) -> list[Any]:
@@ -318,6 +355,36 @@ def _leaf_keys(key: jax.Array | None, paths: list[str]) -> list[jax.Array | None
     return [keys[i] for i in range(len(paths))]
 
 
+def leaf_inputs(path: str, static: tuple[tuple[str, Any], ...], base: Any,
+                models: Sequence[Any], coefficients: dict[str, Any]):
+    """``(path, base, models, hparams)`` of one leaf as its kernel gets them: inputs upcast
+    to float32 (or wider), static hyperparameters and this leaf's coefficients merged
+    into one dict. Shared by the in-memory engine and `mergejax.io.streaming`."""
+    cdt = jnp.promote_types(models[0].dtype, jnp.float32)
+    hp = dict(static)
+    hp.update({n: jnp.asarray(c).astype(cdt) for n, c in coefficients.items()})
+    return (path, base.astype(cdt) if base is not None else None,
+            tuple(x.astype(cdt) for x in models), hp)
+
+
+def run_statistics(method: MergeMethod, leaves: Callable[[], Any],
+                   total_size: int) -> tuple[Any, ...]:
+    """Runs ``method.statistics`` pass after pass; ``leaves()`` starts a new iteration over
+    ``(path, base, models, hparams, key)`` of every merged leaf (in memory, or read from
+    disk again for each pass by `mergejax.io.streaming`). Returns ``ctx.stats``."""
+    stats: tuple[Any, ...] = ()
+    for statistics_pass in method.statistics:
+        if not isinstance(statistics_pass, StatisticsPass):
+            statistics_pass = _summed(statistics_pass)
+        acc = None
+        for path, base, xs, hp, key in leaves():
+            acc = statistics_pass.update(LeafContext(path, key, stats, total_size), acc, base,
+                                         xs, **hp)
+        stats = stats + (statistics_pass.finalize(LeafContext("", None, stats, total_size),
+                                                  acc),)
+    return stats
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base_leaves,
                  model_leaves, coefficients, key):
@@ -328,28 +395,13 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     scalars: one stacked array would make XLA fuse all leaves' reductions together, which
     measured 2-3x slower to compile.
     """
-    inputs = []
-    for j, (path, static) in enumerate(plan):
-        dtype = model_leaves[j][0].dtype
-        cdt = jnp.promote_types(dtype, jnp.float32)
-        base = base_leaves[j].astype(cdt) if base_leaves is not None else None
-        xs = tuple(x.astype(cdt) for x in model_leaves[j])
-        hp = dict(static)
-        hp.update({n: c[j].astype(cdt) for n, c in coefficients.items()})
-        inputs.append((path, base, xs, hp))
-
+    inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
+                          model_leaves[j], {n: c[j] for n, c in coefficients.items()})
+              for j, (path, static) in enumerate(plan)]
     total_size = sum(xs[0].size for _, _, xs, _ in inputs)
     keys = _leaf_keys(key, [path for path, _, _, _ in inputs])
-    stats: tuple[Any, ...] = ()
-    for statistics_pass in method.statistics:
-        if not isinstance(statistics_pass, StatisticsPass):
-            statistics_pass = _summed(statistics_pass)
-        acc = None
-        for (path, base, xs, hp), k in zip(inputs, keys):
-            acc = statistics_pass.update(LeafContext(path, k, stats, total_size), acc, base,
-                                         xs, **hp)
-        stats = stats + (statistics_pass.finalize(LeafContext("", None, stats, total_size),
-                                                  acc),)
+    stats = run_statistics(method, lambda: (i + (k,) for i, k in zip(inputs, keys)),
+                           total_size)
 
     if method.batched:
         outs = _batched_kernels(method, plan, out_dtypes, inputs, keys, stats, total_size)
