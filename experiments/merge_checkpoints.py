@@ -1,0 +1,86 @@
+r"""Merges checkpoints on disk, tensor by tensor: mergekit's job, with every streaming method.
+
+    python -m experiments.merge_checkpoints --config=merge.yml --out=merged
+    python -m experiments.merge_checkpoints --config=merge.yml --out=merged --overwrite \
+        --mesh=auto
+
+``--config`` is a mergekit YAML (``merge_method``, ``base_model``, ``models``, ...; run
+unchanged for the methods both tools have) or a native one naming any registered method
+(``method``, ``base``, ``models``, ``hparams``; `mergejax.io.mergekit`). Inputs are
+Hugging Face safetensors directories (sharded or not) or orbax checkpoints; the output is a
+safetensors directory in Hugging Face's layout, with ``config.json`` and the tokenizer files
+copied from the tokenizer source (the base model unless the config says otherwise).
+
+Memory holds a few tensors, not the model; a killed run leaves ``OUT.partial`` (never a
+complete-looking ``OUT``) and rerunning the same command resumes it. Random methods use
+the config's seed (mergekit's ``--random-seed``, here ``--random_seed``), 0 if none is
+given, so a rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags
+
+from mergejax import registry
+from mergejax.io import mergekit as mergekit_config
+from mergejax.io import streaming
+from mergejax.tree import MergeError
+
+_CONFIG = flags.DEFINE_string("config", None, "Merge configuration (YAML).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+_SEED = flags.DEFINE_integer("random_seed", None,
+                             "Seed of random methods (overrides the config's).")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Shard each tensor over devices: 'auto' (all devices) or a device count.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Print a progress line.")
+
+
+def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
+    """A one-axis mesh over ``spec`` devices ('auto': all of them), or None."""
+    if spec is None:
+        return None
+    devices = jax.devices()
+    n = len(devices) if spec == "auto" else int(spec)
+    if not 1 <= n <= len(devices):
+        raise MergeError(f"--mesh={spec} asks for {n} devices; {len(devices)} available")
+    return jax.make_mesh((n,), ("tensors",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:n])
+
+
+def run(config_path: str, out: str, *, overwrite: bool = False, seed: int | None = None,
+        mesh: str | None = None, progress: bool = True) -> dict:
+    """Runs the merge described by the config file at ``config_path`` into ``out``."""
+    config = mergekit_config.load_config(config_path)
+    method = registry.get_method(config.method)
+    seed = seed if seed is not None else config.seed
+    key = jax.random.key(seed or 0) if getattr(method, "uses_key", False) else None
+    options = dict(config.options)
+    return streaming.merge_checkpoints(
+        config.method, config.base, config.models, out, key=key,
+        out_dtype=config.out_dtype,
+        max_shard_bytes=int(options.pop("out_shard_size", 5 * 10**9)),
+        vocab_policy=options.pop("vocab_policy", "error"),
+        copy_files_from=config.tokenizer_source or config.base,
+        overwrite=overwrite, mesh=make_mesh(mesh), progress=progress, **config.hparams)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    try:
+        summary = run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value,
+                      seed=_SEED.value, mesh=_MESH.value, progress=_PROGRESS.value)
+    except MergeError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {summary['out']}: {summary['tensors']} tensors, "
+          f"{summary['bytes'] / 2**30:.2f} GiB in {len(summary['shards'])} shard(s) "
+          f"({len(summary['reused_shards'])} reused from an interrupted run), "
+          f"{summary['seconds']:.1f} s; copied {', '.join(summary['copied']) or 'no files'}")
+
+
+if __name__ == "__main__":
+    app.run(main)
