@@ -63,7 +63,9 @@ def run(config_path: str, out: str, *, overwrite: bool = False, seed: int | None
         config.method, config.base, config.models, out, key=key,
         out_dtype=config.out_dtype,
         max_shard_bytes=int(options.pop("out_shard_size", 5 * 10**9)),
-        vocab_policy=options.pop("vocab_policy", "error"),
+        # mergekit's tokenizer_source keeps the source's vocabulary in the embeddings.
+        vocab_policy=options.pop("vocab_policy", "base" if config.source == "mergekit"
+                                 and config.tokenizer_source else "error"),
         copy_files_from=config.tokenizer_source or config.base,
         overwrite=overwrite, mesh=make_mesh(mesh), progress=progress, **config.hparams)
 
