@@ -333,16 +333,10 @@ class MergeMethod:
         bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(peaks))))
         if bad.size == 0:
             return
-        j = bad[0]
-        i = merged[j]
-        inputs = ([("base", base_leaves[i])] if base_leaves is not None else []) + [
-            (f"models[{k}]", ml[i]) for k, ml in enumerate(model_leaves)]
-        for name, x in inputs:
-            if not bool(jnp.all(jnp.isfinite(x))):
-                raise MergeError(f"non-finite values (NaN or Inf) in {name} at '{paths[j]}'")
-        raise MergeError(
-            f"{self.name} produced non-finite values at '{paths[j]}' from finite inputs "
-            f"({len(bad)} leaves affected); check the hyperparameters")
+        i = merged[bad[0]]
+        raise_not_finite(self.name, paths[bad[0]],
+                         base_leaves[i] if base_leaves is not None else None,
+                         [ml[i] for ml in model_leaves], f" ({len(bad)} leaves affected)")
 
 
 def _leaf_keys(key: jax.Array | None, paths: list[str]) -> list[jax.Array | None]:
@@ -353,6 +347,19 @@ def _leaf_keys(key: jax.Array | None, paths: list[str]) -> list[jax.Array | None
     hashes = jnp.asarray(np.asarray([_path_hash(p) for p in paths], np.uint32))
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, hashes)
     return [keys[i] for i in range(len(paths))]
+
+
+def raise_not_finite(name: str, path: str, base: Any, models: Sequence[Any],
+                     extent: str = "") -> None:
+    """Raises the `MergeError` for a merged leaf with NaN or Inf: naming the input that
+    holds non-finite values, or saying the method produced them from finite inputs."""
+    inputs = ([("base", base)] if base is not None else []) + [
+        (f"models[{k}]", x) for k, x in enumerate(models)]
+    for label, x in inputs:
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise MergeError(f"non-finite values (NaN or Inf) in {label} at '{path}'")
+    raise MergeError(f"{name} produced non-finite values at '{path}' from finite inputs"
+                     f"{extent}; check the hyperparameters")
 
 
 def leaf_inputs(path: str, static: tuple[tuple[str, Any], ...], base: Any,

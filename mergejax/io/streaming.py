@@ -45,9 +45,10 @@ from mergejax.method import (
     MergeMethod,
     leaf_inputs,
     leaf_key,
+    raise_not_finite,
     run_statistics,
 )
-from mergejax.tree import MergeError
+from mergejax.tree import MergeError, is_float
 
 __all__ = [
     "COPIED_FILES",
@@ -153,10 +154,6 @@ def _leaf_order(paths: Sequence[str]) -> list[int]:
     return sorted(range(len(paths)), key=lambda i: paths[i].split("/"))
 
 
-def _is_float(dtype: np.dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)
-
-
 def plan_stream(method: str | MergeMethod, base: LazyCheckpoint | None,
                 models: Sequence[LazyCheckpoint], *, key: jax.Array | None = None,
                 out_dtype: Any = None, vocab_policy: str = "error",
@@ -186,7 +183,7 @@ def plan_stream(method: str | MergeMethod, base: LazyCheckpoint | None,
     vocab_rows = _check_inputs(reference, others, vocab_policy)
 
     infos = list(reference.infos)
-    floats = [i for i in infos if _is_float(i.dtype)]
+    floats = [i for i in infos if is_float(i)]
     order = _leaf_order([i.path for i in floats])
     merged = [floats[j] for j in order]
     references = [jax.ShapeDtypeStruct(i.shape, i.dtype) for i in merged]
@@ -241,7 +238,7 @@ class _Reader:
         base = self._put(reference) if self._base is not None else None
         models = []
         for k, ckpt in enumerate(self._models):
-            if ckpt is self._base or (self._base is None and k == 0):
+            if self._base is None and k == 0:
                 x = reference
             else:
                 x = ckpt.read(path)
@@ -353,19 +350,9 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             stats_static=stats_static, check_finite=check_finite)
         values = np.asarray(out)
         if check_finite and not np.isfinite(np.asarray(peak)):
-            _raise_not_finite(tensor, b, xs, method.name)
+            raise_not_finite(method.name, tensor.name, b, xs)
         reader.release(tensor.path)
         yield tensor, values
-
-
-def _raise_not_finite(tensor: OutputTensor, base, models, name: str) -> None:
-    inputs = ([("base", base)] if base is not None else []) + [
-        (f"models[{k}]", x) for k, x in enumerate(models)]
-    for label, x in inputs:
-        if not bool(jnp.all(jnp.isfinite(x))):
-            raise MergeError(f"non-finite values (NaN or Inf) in {label} at '{tensor.name}'")
-    raise MergeError(f"{name} produced non-finite values at '{tensor.name}' from finite "
-                     "inputs; check the hyperparameters")
 
 
 class _Progress:
@@ -373,22 +360,22 @@ class _Progress:
 
     def __init__(self, total_bytes: int, total_tensors: int, enabled: bool):
         self._total, self._count, self._enabled = total_bytes, total_tensors, enabled
-        self._done = self._tensors = 0
+        self.done = self._tensors = 0
         self._start = self._last = time.perf_counter()
         self._tty = sys.stderr.isatty()
 
     def update(self, nbytes: int) -> None:
-        self._done += nbytes
+        self.done += nbytes
         self._tensors += 1
         now = time.perf_counter()
         if not self._enabled or (now - self._last < (0.5 if self._tty else 10.0)
                                  and self._tensors < self._count):
             return
         self._last = now
-        rate = self._done / max(now - self._start, 1e-9)
-        left = (self._total - self._done) / rate if rate else 0.0
+        rate = self.done / max(now - self._start, 1e-9)
+        left = (self._total - self.done) / rate if rate else 0.0
         line = (f"merged {self._tensors}/{self._count} tensors, "
-                f"{self._done / 2**30:.2f}/{self._total / 2**30:.2f} GiB written, "
+                f"{self.done / 2**30:.2f}/{self._total / 2**30:.2f} GiB written, "
                 f"{rate / 2**20:.0f} MiB/s, {left:.0f} s left")
         print(("\r" + line) if self._tty else line, end="" if self._tty else "\n",
               file=sys.stderr, flush=True)
@@ -557,4 +544,4 @@ def _write_shards(plan: StreamPlan, base, models, work: str,
             pending = pool.submit(write, tensor, values)
         if pending is not None:
             pending.result()
-    return {"tensors": len(todo), "bytes": bar._done, "reused_shards": sorted(reused)}
+    return {"tensors": len(todo), "bytes": bar.done, "reused_shards": sorted(reused)}
