@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, logging
 
 import mergejax
+from mergejax.io.checkpoint import unflatten_paths
 
 MB = 1 << 20
 GB = 1 << 30
@@ -88,17 +89,6 @@ def clip_vit_spec(width: int = 768, depth: int = 12, patch: int = 32, image: int
         spec += [(f"blocks/{i}/{p}", s) for p, s in block]
     spec += [("ln_post/scale", (d,)), ("ln_post/bias", (d,)), ("proj", (d, embed_dim))]
     return tuple(spec)
-
-
-def _nest(flat: dict[str, jax.Array]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = value
-    return tree
 
 
 #: Model k's delta is the group's noise shifted by (k + 1) * _SHIFT elements (see make_inputs).
@@ -166,8 +156,8 @@ def make_inputs(cfg: dict[str, Any]) -> tuple[Any, list[Any], dict[str, Any]]:
             offset += math.prod(shape)
         jax.block_until_ready((flat_base, flat_models))
         del noise
-    base = _nest(flat_base)
-    models = [_nest(m) for m in flat_models]
+    base = unflatten_paths(flat_base)
+    models = [unflatten_paths(m) for m in flat_models]
     leaves = jax.tree.leaves(base)
     info = dict(params=int(sum(x.size for x in leaves)), leaves=len(leaves),
                 depth=sum(g.startswith("blocks/") for g in groups), width=cfg["width"],
