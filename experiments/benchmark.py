@@ -8,6 +8,11 @@ writes ``results.{csv,json,md,png}``.
     python -m experiments.benchmark --config=experiments/configs/benchmark.py
     python -m experiments.benchmark --config=experiments/configs/benchmark.py:tiny \
         --config.out_dir=/tmp/bench
+    python -m experiments.benchmark --config=experiments/configs/benchmark.py --linearized
+
+``--linearized`` fine-tunes the experts in the tangent space at the pretrained backbone
+(Ortiz-Jimenez et al. 2023, arXiv 2305.12827) and evaluates every backbone, merges included,
+as that linearised model (`mergejax.suite.protocol.ProtocolConfig.linearized`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import resource
 import time
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import mergejax
@@ -29,6 +34,9 @@ from mergejax.suite import report
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/benchmark.py", "Benchmark configuration file.",
     lock_config=True)
+_LINEARIZED = flags.DEFINE_bool(
+    "linearized", False, "Fine-tune the experts in the tangent space at the pretrained "
+    "backbone and evaluate every backbone as that linearised model.")
 
 
 def protocol_config(overrides) -> protocol_lib.ProtocolConfig:
@@ -60,7 +68,7 @@ def main(argv):
     del argv
     config = _CONFIG.value
     names = method_names(config.methods)  # fail fast, before any training
-    cfg = protocol_config(config.protocol)
+    cfg = dataclasses.replace(protocol_config(config.protocol), linearized=_LINEARIZED.value)
     start = time.perf_counter()
     suite = protocol_lib.build_suite(cfg, config.cache_dir)
     built = time.perf_counter() - start

@@ -12,9 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mergejax.suite import benchmark as benchmark_lib
-from mergejax.suite import datasets
+from mergejax.suite import datasets, protocol
 from mergejax.suite import model as model_lib
-from mergejax.suite import protocol
 from mergejax.suite import tasks as tasks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +133,39 @@ def test_accuracy_matches_an_independent_numpy_computation(tiny_suite):
     assert suite.accuracies(suite.experts)[task] == pytest.approx(expected, abs=1e-9)
 
 
+def test_linearized_suite_fine_tunes_and_evaluates_the_tangent_model(data_dir, tmp_path):
+    cfg = dataclasses.replace(TINY, linearized=True)
+    assert cfg.key() != TINY.key()  # its own cache entry
+    suite = protocol.build_suite(cfg, str(tmp_path), data_dir)
+    x = suite.data[cfg.tasks[0]]["test"].images[:8]
+    f = lambda p: np.asarray(suite.model.apply({"params": p}, x), np.float64)
+    tau = jax.tree.map(lambda e, p: np.asarray(e, np.float64) - np.asarray(p, np.float64),
+                       suite.experts[0], suite.pretrained)
+    assert max(np.abs(t).max() for t in jax.tree.leaves(tau)) > 0  # it was fine-tuned
+
+    def at(scale):
+        return jax.tree.map(lambda p, t: (np.asarray(p, np.float64) + scale * t)
+                            .astype(np.float32), suite.pretrained, tau)
+
+    # The suite's embedding of theta_0 + tau is f(theta_0) + J tau: compare with a central
+    # finite difference of the model itself along tau.
+    eps = 1e-2
+    jvp = (f(at(eps)) - f(at(-eps))) / (2 * eps)
+    got = np.asarray(suite.embed(suite.experts[0], x), np.float64)
+    np.testing.assert_allclose(got, f(suite.pretrained) + jvp, rtol=2e-3, atol=2e-3)
+    # ... and it is linear in the parameters: doubling tau doubles the change.
+    base = np.asarray(suite.embed(suite.pretrained, x), np.float64)
+    twice = np.asarray(suite.embed(at(2.0), x), np.float64)
+    np.testing.assert_allclose(twice - base, 2 * (got - base), rtol=1e-4, atol=1e-4)
+    d = suite.data[cfg.tasks[0]]["test"]
+    head = np.asarray(suite.heads[cfg.tasks[0]], np.float64)
+    emb = np.asarray(suite.embed(suite.experts[0], d.images), np.float64)
+    cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
+        head / np.linalg.norm(head, axis=0, keepdims=True))
+    assert suite.accuracy(suite.experts[0], cfg.tasks[0]) == pytest.approx(
+        float(np.mean(np.argmax(cos, axis=1) == d.labels)), abs=1e-9)
+
+
 def test_run_method_rows(tiny_suite):
     suite, _ = tiny_suite
     row = benchmark_lib.run_method(suite, "task_arithmetic", search={"scale": [0.0, 1.0]})
@@ -196,6 +228,14 @@ def test_benchmark_binary_end_to_end(tmp_path):
     rows = _end_to_end(tmp_path, f"--config.methods={names!r}")
     assert set(names) <= set(rows)
     assert all(0.0 <= rows[n]["average"] <= 1.0 for n in names)
+
+
+def test_benchmark_binary_linearized_switch(tmp_path):
+    rows = _end_to_end(tmp_path, "--linearized",
+                       "--config.methods=('linear','task_arithmetic')")
+    with open(tmp_path / "results" / "benchmark" / "results.json") as f:
+        assert json.load(f)["protocol"]["linearized"] is True
+    assert 0.0 <= rows["task_arithmetic"]["average"] <= 1.0
 
 
 @pytest.mark.slow

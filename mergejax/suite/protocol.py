@@ -17,7 +17,10 @@ The field's protocol for CLIP ViT-B/32 on eight tasks, reproduced at laptop scal
    on MNIST or SVHN. ``heads="linear_probe"`` instead fits a linear head on the pretrained
    embeddings of the task's train split; it is what a ``pretrained_checkpoint`` (which has
    no concept vectors) always uses.
-3. **Experts**: fine-tune the whole backbone per task with that task's head frozen.
+3. **Experts**: fine-tune the whole backbone per task with that task's head frozen. With
+   ``linearized=True`` they are fine-tuned in the tangent space at the pretrained backbone
+   (`mergejax.finetune.linearize`; Ortiz-Jimenez et al. 2023, arXiv 2305.12827), and every
+   backbone - experts and merges alike - is evaluated as that linearised model.
 
 With the defaults the embedded suite reproduces the benchmark's shape: the pretrained
 backbone with the zero-shot heads averages about 73% of the experts' accuracy, simple
@@ -47,6 +50,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mergejax import finetune
 from mergejax.suite import datasets
 from mergejax.suite import model as model_lib
 from mergejax.suite import tasks as tasks_lib
@@ -90,6 +94,7 @@ class ProtocolConfig:
     tfds_splits: tuple[tuple[str, str], ...] = ()
     pretrained_checkpoint: str = ""
     max_train_examples: int = 0
+    linearized: bool = False
 
     def key(self) -> str:
         """A short hash of the configuration: the cache directory's name."""
@@ -117,10 +122,16 @@ class Suite:
         """Test accuracy of each expert on its own task (the normalisation of the table)."""
         return self.accuracies(self.experts)
 
+    def embed(self, params: PyTree, images: Any) -> jax.Array:
+        """Embeddings of ``images`` by backbone ``params``: the model itself, or its
+        linearisation at the pretrained backbone when the suite is ``linearized``."""
+        return _jitted_embed(self.model, self.config.linearized)(self.pretrained, params,
+                                                                  images)
+
     def accuracy(self, params: PyTree, task: str, split: str = "test") -> float:
         """Accuracy of backbone ``params`` with ``task``'s frozen head on a split."""
         d = self.data[task][split]
-        return accuracy(self.model, params, self.heads[task], d.images, d.labels)
+        return accuracy(self.embed, params, self.heads[task], d.images, d.labels)
 
     def accuracies(self, params: PyTree | Sequence[PyTree], split: str = "test"
                    ) -> dict[str, float]:
@@ -134,25 +145,31 @@ def _count_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(jnp.argmax(logits, axis=-1) == labels)
 
 
-def accuracy(model: model_lib.VisionTransformer, params: PyTree, head: jax.Array,
+def accuracy(embed: Callable[[PyTree, Any], jax.Array], params: PyTree, head: jax.Array,
              images: np.ndarray, labels: np.ndarray, batch_size: int = 1024) -> float:
-    """Fraction of ``images`` whose arg-max class under ``head`` equals ``labels``."""
-    apply = _jitted_classify(model)
+    """Fraction of ``images`` whose arg-max class under ``head`` (cosine logits of
+    ``embed(params, images)``) equals ``labels``."""
     correct = 0
     for lo in range(0, len(labels), batch_size):
-        logits = apply(params, head, images[lo:lo + batch_size])
+        logits = model_lib.logits(embed(params, images[lo:lo + batch_size]), head)
         correct += int(_count_correct(logits, labels[lo:lo + batch_size]))
     return correct / len(labels)
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_classify(model: model_lib.VisionTransformer) -> Callable:
-    return jax.jit(lambda p, h, x: model_lib.classify(model, p, h, x))
+def _embedding(model: model_lib.VisionTransformer, linearized: bool, pretrained: PyTree,
+               params: PyTree, images: Any) -> jax.Array:
+    """The backbone's embeddings, or (``linearized``) those of its first-order Taylor
+    expansion at ``pretrained``."""
+    def apply(p, x):
+        return model.apply({"params": p}, x)
+    if linearized:
+        return finetune.linearize(apply, pretrained)(params, images)
+    return apply(params, images)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_embed(model: model_lib.VisionTransformer) -> Callable:
-    return jax.jit(lambda p, x: model.apply({"params": p}, x))
+def _jitted_embed(model: model_lib.VisionTransformer, linearized: bool) -> Callable:
+    return jax.jit(functools.partial(_embedding, model, linearized))
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,6 +225,12 @@ def _finetune_loss(model, params, batch):
     return _cross_entropy(model_lib.classify(model, params, head, images), labels)
 
 
+def _linearized_finetune_loss(model, params, batch):
+    images, labels, head, pretrained = batch
+    embeddings = _embedding(model, True, pretrained, params, images)
+    return _cross_entropy(model_lib.logits(embeddings, head), labels)
+
+
 def _sampler(rng: np.random.Generator, n: int, batch_size: int) -> Callable[[], np.ndarray]:
     return lambda: rng.integers(0, n, size=min(batch_size, n))
 
@@ -255,7 +278,7 @@ def _zero_shot_head(concepts: jax.Array, task: str) -> jax.Array:
 
 def _fit_head(model, cfg: ProtocolConfig, params: PyTree, train: datasets.TaskData,
               seed: int) -> jax.Array:
-    embeddings = _jitted_embed(model)(params, train.images)
+    embeddings = _jitted_embed(model, False)(params, params, train.images)
     head = 0.01 * jax.random.normal(jax.random.key(seed), (cfg.vit.embed_dim,
                                                            train.num_classes))
     batch = (embeddings, jnp.asarray(train.labels))
@@ -269,10 +292,13 @@ def _finetune(cfg: ProtocolConfig, params: PyTree, head: jax.Array,
 
     def sample(_):
         idx = draw()
-        return train.images[idx], train.labels[idx], head
+        batch = (train.images[idx], train.labels[idx], head)
+        return batch + (params,) if cfg.linearized else batch
 
-    return _train(_finetune_loss, cfg, params, sample, cfg.finetune_steps, cfg.finetune_lr,
-                  f"fine-tune {task}", weight_decay=0.01)
+    loss = _linearized_finetune_loss if cfg.linearized else _finetune_loss
+    return _train(loss, cfg, params, sample, cfg.finetune_steps, cfg.finetune_lr,
+                  f"fine-tune {task}{' (linearized)' if cfg.linearized else ''}",
+                  weight_decay=0.01)
 
 
 def load_data(cfg: ProtocolConfig, data_dir: str) -> dict[str, dict[str, datasets.TaskData]]:
