@@ -161,6 +161,9 @@ def reference_rows(suite: Suite) -> list[Row]:
 def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
     if getattr(method, "family", None) == "lora":
         return "merges LoRA adapters; the suite's experts are full fine-tunes"
+    if getattr(method, "family", None) == "alignment":
+        return ("aligns models trained from different initialisations; the suite's experts "
+                "share one (see experiments.rebasin)")
     max_models = getattr(method, "max_models", None)
     if max_models is not None and k > max_models:
         return f"takes at most {max_models} models"
