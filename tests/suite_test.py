@@ -230,6 +230,7 @@ def test_benchmark_binary_end_to_end(tmp_path):
     assert all(0.0 <= rows[n]["average"] <= 1.0 for n in names)
 
 
+@pytest.mark.slow
 def test_benchmark_binary_linearized_switch(tmp_path):
     rows = _end_to_end(tmp_path, "--linearized",
                        "--config.methods=('linear','task_arithmetic')")
