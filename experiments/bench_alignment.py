@@ -11,8 +11,11 @@ and, as a sanity row for each, a *planted* pair (B = A with random permutations 
 plus 1% noise) whose permutations must be recovered. Each case runs weight matching with
 the on-device Hungarian solver (``optax.assignment.hungarian_algorithm``) and SciPy's
 ``linear_sum_assignment``, twice: the first call includes compilation, the second is
-the converged run's steady-state time. Both start from the same seed, so they visit the
-permutations in the same order; the table gives how many units' assignments differ.
+the converged run's steady-state time (first - warm is the compilation). During the warm
+call every linear assignment is timed on its own (the similarity made ready first), giving
+the seconds per assignment of the largest size and the share of the run spent in them.
+Both start from the same seed, so they visit the permutations in the same order; the table
+gives how many units' assignments differ.
 
 Usage::
 
@@ -24,11 +27,15 @@ Writes ``<out_dir>/bench_alignment.json`` and prints a table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +44,7 @@ from absl import app, flags
 
 from experiments import benchlib
 from mergejax import align
+from mergejax.align import matching
 from mergejax.suite import model as model_lib
 from mergejax.tree import flatten_with_paths
 
@@ -74,6 +82,23 @@ def make_pair(case: str, quick: bool) -> tuple[Any, Any, align.PermutationSpec, 
     return params_a, params_b, spec, planted
 
 
+@contextlib.contextmanager
+def _timed_assignments() -> Iterator[dict[int, list[float]]]:
+    """Times every `solve_assignment` call inside the block, by matrix size."""
+    times: dict[int, list[float]] = {}
+    solve = matching.solve_assignment
+
+    def timed(similarity, solver="device"):
+        jax.block_until_ready(similarity)
+        start = time.perf_counter()
+        out = jax.block_until_ready(solve(similarity, solver))
+        times.setdefault(int(np.shape(similarity)[0]), []).append(time.perf_counter() - start)
+        return out
+
+    with mock.patch.object(matching, "solve_assignment", timed):
+        yield times
+
+
 def _timed_match(spec, params_a, params_b, solver: str) -> tuple[float, Any]:
     start = time.perf_counter()
     result = align.weight_matching(spec, params_a, params_b, solver=solver,
@@ -90,16 +115,23 @@ def run_case(case: str, quick: bool, solvers: list[str]) -> list[dict[str, Any]]
     rows, results = [], {}
     for solver in solvers:
         first_s, _ = _timed_match(spec, params_a, params_b, solver)
-        warm_s, result = _timed_match(spec, params_a, params_b, solver)
+        with _timed_assignments() as lap_times:
+            warm_s, result = _timed_match(spec, params_a, params_b, solver)
+        largest = max(sizes.values())
         results[solver] = result
         recovered = None
         if planted is not None:
             inverse = align.invert_permutations(planted)
             recovered = all(np.array_equal(result.perms[p], inverse[p]) for p in planted)
         rows.append(dict(case=case, solver=solver, params=num_params,
-                         permutations=len(sizes), largest=max(sizes.values()),
-                         sweeps=result.iterations, first_s=first_s, warm_s=warm_s,
+                         permutations=len(sizes), largest=largest,
+                         sweeps=result.iterations, assignments=result.assignments,
+                         first_s=first_s, warm_s=warm_s, compile_s=max(first_s - warm_s, 0.0),
                          s_per_sweep=warm_s / result.iterations,
+                         lap_s_by_size={n: statistics.median(t) for n, t in lap_times.items()},
+                         lap_s_largest=statistics.median(lap_times.get(largest, [np.nan])),
+                         lap_share=sum(map(sum, lap_times.values())) / warm_s,
+                         history=list(result.history),
                          objective=result.objective, recovered=recovered,
                          peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                          / 2**20))
@@ -113,11 +145,14 @@ def run_case(case: str, quick: bool, solvers: list[str]) -> list[dict[str, Any]]
 
 
 def _format(rows: list[dict[str, Any]]) -> str:
-    header = ("case", "solver", "params M", "perms", "sweeps", "first s", "warm s",
-              "s/sweep", "objective", "recovered", "solvers differ", "peak GiB")
+    header = ("case", "solver", "params M", "perms", "sweeps", "LAPs", "first s", "compile s",
+              "warm s", "s/sweep", "LAP s (n)", "in LAPs", "objective", "recovered",
+              "solvers differ", "peak GiB")
     lines = [(r["case"], r["solver"], f"{r['params'] / 1e6:.2f}", str(r["permutations"]),
-              str(r["sweeps"]), f"{r['first_s']:.2f}", f"{r['warm_s']:.2f}",
-              f"{r['s_per_sweep']:.3f}", f"{r['objective']:.4g}",
+              str(r["sweeps"]), str(r["assignments"]), f"{r['first_s']:.2f}",
+              f"{r['compile_s']:.2f}", f"{r['warm_s']:.2f}", f"{r['s_per_sweep']:.3f}",
+              f"{r['lap_s_largest']:.3f} ({r['largest']})", f"{100 * r['lap_share']:.0f}%",
+              f"{r['objective']:.7g}",
               "-" if r["recovered"] is None else str(r["recovered"]),
               str(r.get("units_differing_between_solvers", "-")), f"{r['peak_rss_gib']:.2f}")
              for r in rows]
@@ -136,8 +171,11 @@ def main(argv: list[str]) -> None:
         rows.extend(run_case(case, _QUICK.value, _SOLVERS.value))
     print(_format(rows))
     print("first s: the first call (tracing and compilation included); warm s: the same "
-          "call again.\nsolvers differ: units whose assignment differs between the two "
-          "solvers; peak GiB: the process's peak RSS so far.")
+          "call again; compile s: their difference (0 where an earlier run in this process "
+          "compiled the same shapes).\nLAPs: assignment problems solved; LAP s "
+          "(n): median seconds of one n x n assignment (n the largest permutation); in LAPs: "
+          "share of warm s spent solving them.\nsolvers differ: units whose assignment "
+          "differs between the two solvers; peak GiB: the process's peak RSS so far.")
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     path = os.path.join(_OUT_DIR.value, "bench_alignment.json")
     with open(path, "w") as f:

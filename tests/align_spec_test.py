@@ -24,13 +24,13 @@ def float64():
         yield
 
 
-def _perturbed(tree, seed=5):
-    """Every leaf moved off its initial value (norm scales are ones and biases zeros at
-    init, which would hide a missing permutation)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys)])
+def _random_variables(module, x, seed=5):
+    """Variables of ``module`` with every leaf drawn from N(0, 1) (float64 under x64). Norm
+    scales are ones and biases zeros at init, which would hide a missing permutation;
+    drawing on the host avoids compiling one random op per leaf shape."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape)), shapes)
 
 
 def _vit():
@@ -54,8 +54,8 @@ CASES = {
 def test_permuted_network_computes_the_same_function(case, float64):
     module, spec, whole = CASES[case]()
     x = jnp.asarray(X, jnp.float64)
-    variables = jax.jit(module.init)(jax.random.key(0), x)
-    variables = _perturbed(variables if whole else variables["params"])
+    variables = _random_variables(module, x)
+    variables = variables if whole else variables["params"]
     if whole:  # BatchNorm's running statistics, made non-trivial (var > 0)
         variables["batch_stats"] = jax.tree.map(jnp.abs, variables["batch_stats"])
     apply = jax.jit(lambda v: module.apply(v if whole else {"params": v}, x))
@@ -78,7 +78,7 @@ def test_a_missing_permutation_changes_the_function(float64):
     """The check above has teeth: dropping one leaf from the spec breaks equivalence."""
     module, spec, _ = CASES["vit"]()
     x = jnp.asarray(X, jnp.float64)
-    params = _perturbed(jax.jit(module.init)(jax.random.key(0), x)["params"])
+    params = _random_variables(module, x)["params"]
     axes = spec.axes_to_perm
     del axes["resblocks_1/mlp_proj/kernel"]
     partial = spec_lib.PermutationSpec(axes)
@@ -157,8 +157,7 @@ def test_bad_permutations_and_missing_roles_are_clear_errors():
 
 def test_feature_correlations_match_numpy_and_stream_over_batches():
     mlp = model_lib.MLP((12, 6))
-    a = mlp.init(jax.random.key(0), X)["params"]
-    b = mlp.init(jax.random.key(1), X)["params"]
+    a, b = (_random_variables(mlp, X, seed)["params"] for seed in (0, 1))
     x = np.random.default_rng(1).uniform(size=(96, 16, 16)).astype(np.float32)
     features_fn = features_lib.linen_features(mlp, {"P_0": ("Dense_0", nn.relu),
                                                     "P_1": "Dense_1"})
@@ -183,10 +182,10 @@ def test_feature_correlations_match_numpy_and_stream_over_batches():
 
 def test_linen_features_reads_nested_modules_and_reports_missing_ones():
     vit = _vit()
-    params = vit.init(jax.random.key(0), X)["params"]
+    params = _random_variables(vit, X)["params"]
     fn = features_lib.linen_features(vit, {"P_res": ["resblocks_0", "resblocks_1"],
                                            "P_mlp1": ("resblocks_1/mlp_fc", nn.gelu)})
-    out = fn(params, X)
+    out = jax.jit(fn)(params, X)
     tokens = (16 // 4) ** 2 + 1
     assert out["P_res"].shape == (2 * 3 * tokens, 8)
     assert out["P_mlp1"].shape == (3 * tokens, 16)
@@ -197,7 +196,7 @@ def test_linen_features_reads_nested_modules_and_reports_missing_ones():
 
 def test_feature_correlations_batches_running_dry():
     mlp = model_lib.MLP((4,))
-    a = mlp.init(jax.random.key(0), X)["params"]
+    a = _random_variables(mlp, X)["params"]
     fn = features_lib.linen_features(mlp, {"P_0": "Dense_0"})
     with pytest.raises(MergeError, match="ran dry after 1 of 3"):
         features_lib.feature_correlations(fn, [a, a], [X], num_batches=3)

@@ -21,6 +21,10 @@ def test_quick_run_times_both_solvers_and_recovers_planted_permutations(tmp_path
                                       "resnet20x4_planted") for s in ("device", "scipy")}
     for r in rows:
         assert r["sweeps"] >= 1 and r["warm_s"] > 0 and r["objective"] > 0, r
+        assert r["assignments"] >= r["permutations"] and r["compile_s"] >= 0, r
+        assert 0 < r["lap_s_largest"] <= r["warm_s"] and 0 < r["lap_share"] <= 1, r
+        assert str(r["largest"]) in r["lap_s_by_size"], r
+        assert r["history"][-1] == r["objective"] and len(r["history"]) == r["sweeps"] + 1, r
         assert r["units_differing_between_solvers"] == 0, r
         if r["case"].endswith("planted"):
             assert r["recovered"] is True, r
