@@ -10,15 +10,16 @@ from _helpers import REPO_ROOT, benchmark_env
 def test_quick_run_times_both_solvers_and_recovers_planted_permutations(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_alignment", "--quick",
-         f"--out_dir={tmp_path}"],
+         f"--out_dir={tmp_path}", "--cases=vit_b32_planted,resnet20x4"],
         cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=600,
         check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "bench_alignment.json") as f:
         rows = json.load(f)["rows"]
     cases = {(r["case"], r["solver"]) for r in rows}
-    assert cases == {(c, s) for c in ("vit_b32", "vit_b32_planted", "resnet20x4",
-                                      "resnet20x4_planted") for s in ("device", "scipy")}
+    # One planted and one independent pair (CI time); the full run has all four.
+    assert cases == {(c, s) for c in ("vit_b32_planted", "resnet20x4")
+                     for s in ("device", "scipy")}
     for r in rows:
         assert r["sweeps"] >= 1 and r["warm_s"] > 0 and r["objective"] > 0, r
         assert r["assignments"] >= r["permutations"] and r["compile_s"] >= 0, r

@@ -6,7 +6,7 @@ import sys
 
 from _helpers import REPO_ROOT, benchmark_env
 
-CASES = ("floor_base", "task_arithmetic", "ties_global", "dare_ties", "emr")
+CASES = ("floor_base", "task_arithmetic", "ties_global", "dare_ties")
 
 
 def test_quick_run_reports_ratios_to_task_arithmetic(tmp_path):
@@ -20,7 +20,7 @@ def test_quick_run_reports_ratios_to_task_arithmetic(tmp_path):
     rows = {r["case"]: r for r in report["rows"]}
     assert tuple(rows) == CASES
     assert rows["task_arithmetic"]["x_task_arithmetic"] == 1.0
-    for name in ("ties_global", "dare_ties", "emr"):
+    for name in ("ties_global", "dare_ties"):
         r = rows[name]
         assert r["paired_with"] == "task_arithmetic", name
         assert r["x_task_arithmetic"] > 0 and r["x_task_arithmetic_paired"] > 0, name
