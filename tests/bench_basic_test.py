@@ -6,7 +6,6 @@ import sys
 
 from _helpers import REPO_ROOT, benchmark_env
 
-
 # The checked-against-the-floor pairs; the *_nocheck cases run the same code with a static
 # switch flipped (covered by tests/engine_test.py), so CI skips their two subprocesses.
 CASES = ("floor", "floor_base", "linear", "task_arithmetic")
@@ -16,7 +15,8 @@ def test_quick_run_writes_every_row(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_basic", "--quick", f"--out_dir={tmp_path}",
          f"--cases={','.join(CASES)}"],
-        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=300, check=False)
+        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=300,
+        check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     with open(tmp_path / "bench_basic.json") as f:

@@ -13,7 +13,8 @@ def test_quick_run_reports_ratios_to_task_arithmetic(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_sparse", "--quick", f"--out_dir={tmp_path}",
          f"--cases={','.join(CASES)}"],
-        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=600, check=False)
+        cwd=REPO_ROOT, env=benchmark_env(), capture_output=True, text=True, timeout=600,
+        check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "bench_sparse.json") as f:
         report = json.load(f)
