@@ -430,6 +430,48 @@ def test_select_thresholds_matches_sort(seed, n, kinds):
 _kth_traced = jax.jit(stages.kth_largest)
 
 
+def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray:
+    """Counts of every key in [start << 16, (start + width) << 16), then the count above."""
+    first, span = start << 16, width << 16
+    keys = keys.astype(np.int64)
+    inside = keys[(keys >= first) & (keys < first + span)] - first
+    hist = np.bincount(inside, minlength=stages._FINE + 1)  # noqa: SLF001
+    hist[stages._FINE] = np.sum(keys >= first + span)  # noqa: SLF001
+    return hist
+
+
+_window_hist = jax.jit(stages._window_histogram, static_argnums=3)  # noqa: SLF001
+
+
+@pytest.mark.parametrize("case,gathered", [("sparse", True), ("dense", False),
+                                          ("padded_from_zero", True), ("empty", True)])
+def test_window_histogram_gathers_candidate_rows_or_histograms_every_key(case, gathered):
+    """The window pass histograms only the rows holding a key in the window (gathered)
+    when they are at most an eighth of the rows, every key otherwise; both equal a NumPy
+    histogram, padding (a size that is not a multiple of the row) included."""
+    rng = np.random.default_rng(7)
+    n = 32 * 5000 + (13 if case == "padded_from_zero" else 0)
+    start, width = (0, 2) if case == "padded_from_zero" else (0x9000, 3)
+    keys = rng.integers(0x8000 << 16, 0xB000 << 16, size=n, dtype=np.int64)
+    in_window = lambda k: ((k >> 16) >= start) & ((k >> 16) < start + width)  # noqa: E731
+    keys = np.where(in_window(keys), keys + (4 << 16), keys)  # none inside yet
+    if case == "sparse":  # ~0.2% of keys inside
+        pick = rng.random(n) < 0.002
+        keys[pick] = rng.integers(0x9000 << 16, 0x9003 << 16, size=pick.sum())
+    elif case == "dense":  # a key inside in every row
+        keys[::7] = (0x9001 << 16) + 5
+    elif case == "padded_from_zero":  # the window starts at key 0, where padding sits
+        pick = rng.random(n) < 0.002
+        keys[pick] = rng.integers(0, 2 << 16, size=pick.sum())
+    rows = np.pad(in_window(keys), (0, -n % 32)).reshape(-1, 32).any(axis=1)
+    assert (rows.mean() <= 1 / 8) == gathered and rows.any() == (case != "empty")
+    keys = keys.astype(np.uint32)
+    want = ref_window_histogram(keys, start, width)
+    for gather in (True, False):
+        got = _window_hist(jnp.asarray(keys), jnp.int32(start), jnp.int32(width), gather)
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 @settings(max_examples=16, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([1, 5, 64, 2**18 + 1]),
        kind=st.sampled_from(["normal", "duplicates", "zeros", "wide", "negative"]),
@@ -458,10 +500,9 @@ def _window_found(values, ranks):
     n = values[0].size
     sample = stages._histograms(None, values, stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
-    starts = stages.window_starts(sample, ranks, n)
-    window = stages._histograms(None, values, stages._window_bins(starts),  # noqa: SLF001
-                                stages._FINE + 1, rows=len(ranks))
-    return bool(jnp.all(stages.window_thresholds(window, starts, ranks)[1]))
+    window = stages.window_starts(sample, ranks, n)
+    hist = stages._window_histograms(None, values, window)  # noqa: SLF001
+    return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1]))
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])

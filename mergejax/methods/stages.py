@@ -15,17 +15,28 @@ leaf kernel composes them and a researcher can recombine them in a kernel of the
 
 Exact top-k without a sort. Sorting is slow on XLA:CPU (about 0.3 us per entry, measured
 here), so thresholds come from histograms of a uint32 key that orders like the float32
-value (`order_key`). A strided sample locates the high 16 bits of the wanted value; one
-pass histograms every key within a window of 4 such bins at full resolution (and counts
-the keys above it), which gives the exact value; if the value fell outside the window, a
-two-pass radix select (high 16 bits, then low 16 bits) runs instead, under `lax.cond`.
-Inputs of up to 2**18 entries skip the sample, and up to 2**12 (or float64 inputs) are
-sorted. A global (model-wide) threshold folds the histograms over leaves
-(`global_threshold_passes`), so it needs no concatenated copy of the model.
+value (`order_key`). A strided sample locates the high 16 bits of the wanted value and a
+window of such bins that holds it with high probability; one pass counts the keys above
+the window and histograms the keys inside it at full resolution, which gives the exact
+value. If the value fell outside the window, a two-pass radix select (high 16 bits, then
+low 16 bits) runs instead, under `lax.cond`. Inputs of up to 2**18 entries skip the
+sample, and up to 2**12 (or float64 inputs) are sorted.
 
-Cost on XLA:CPU (2 cores): about 3-4 ns per entry and task for the histogram pass
-(scatter-adds do not vectorise), so a global TIES over 8 x 88M entries takes ~6 s; on
-XLA:CPU's default scheduler, large programs keep every leaf's intermediates alive at once
+A global (model-wide) threshold folds the histograms over leaves
+(`global_threshold_passes`), so it needs no concatenated copy of the model. Its window is
+narrowed to the sample's rank +- 4 standard deviations (1-4 bins), and the fine histogram
+only sees the rows of 32 entries that hold a key inside the window (gathered), unless a
+leaf has more than an eighth of its rows there. Per tensor, every key is histogrammed:
+a leaf's own sample leaves windows of 3-4 bins, whose rows would overflow the gather.
+
+Cost on XLA:CPU (2 cores, measured): a scatter-add costs ~3.4 ns per entry (it does not
+vectorise), a row test ~0.4 ns; the window pass dominates (global TIES over 8 x 94M
+entries: 3.5 s scattering every key, 2.8-3.0 s gathering; task arithmetic 0.21-0.28 s,
+the merge pass with known thresholds 1.2x that). XLA:CPU does not fuse elementwise
+producers into reductions (other than the few float patterns its YNNPACK fusions take):
+they are materialised, and a fresh output buffer costs ~0.5 ns per byte in page faults.
+Its cumsum costs ~10 ns per entry (hence `_exclusive_prefix`). On XLA:CPU's default
+scheduler, large programs keep every leaf's intermediates alive at once
 (``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` avoids it; see
 ``experiments/bench_sparse.py``).
 
@@ -165,25 +176,113 @@ def sample_stride(size: int) -> int:
     return max(1, size // _SAMPLE)
 
 
-def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Array:
-    """``(R, K)`` first high bin of each rank's window, from the sample's high-bin
-    histograms ``(K, _BINS)``."""
-    counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)  # (K,)
+def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int,
+                  narrow: bool = True) -> tuple[Array, Array]:
+    """``(starts, widths)``, each ``(R, K)``: the first high bin of each rank's window and
+    its number of bins (1 to 4), from the sample's high-bin histograms ``(K, _BINS)``.
+
+    ``narrow``: the window spans the high bins of the sample ranks ``s +- 4 sqrt(s (1 -
+    s / m))`` (``s`` the wanted rank scaled to the ``m`` sampled entries), which is what
+    the gathered window pass needs (fewer candidate rows); where that needs more than 4
+    bins, and without ``narrow``, the 4 bins centred on ``s``'s (a wider window costs
+    nothing when every key is histogrammed, and misses less often).
+    """
+    counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)[None, :]  # (1, K)
     fraction = jnp.asarray([r / size for r in ranks], jnp.float32)[:, None]
-    scaled = jnp.maximum(jnp.ceil(counts[None, :] * fraction).astype(jnp.int32), 1)
-    b, _ = _select_bin(jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape),
-                       scaled)
-    return jnp.clip(b - _WINDOW // 2, 0, _BINS - _WINDOW)
+    scaled = jnp.clip(counts * fraction, 1.0, jnp.maximum(counts, 1.0))
+    spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
+    as_rank = lambda r: jnp.clip(jnp.ceil(r), 1, jnp.maximum(counts, 1)).astype(jnp.int32)
+    hist = jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape)
+    centre, _ = _select_bin(hist, as_rank(scaled))
+    top, _ = _select_bin(hist, as_rank(scaled - spread))  # higher keys: smaller ranks
+    bottom, _ = _select_bin(hist, as_rank(scaled + spread))
+    fits = (top - bottom < _WINDOW) & narrow
+    starts = jnp.where(fits, bottom, jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW))
+    return starts, jnp.where(fits, top - bottom + 1, _WINDOW)
 
 
-def _window_bins(starts: Array):
-    """Bins of rank i's window for task j: the key's fine bin inside the window, _FINE
-    above it, `_DROP` below it."""
-    def bins(keys, i, j):
-        first = starts[i, j].astype(jnp.uint32) << _HALF
-        above = jnp.minimum(keys - first, jnp.uint32(_FINE)).astype(jnp.int32)
-        return jnp.where(keys < first, _DROP, above)
-    return bins
+_ROW = 32  # entries per row of the window pass's row test
+_CAP_ROWS = 8  # at most 1/_CAP_ROWS of the rows are gathered; more: histogram every key
+_PREFIX_BLOCK = 32
+
+
+def _exclusive_prefix(flags: Array) -> Array:
+    """Exclusive prefix sums of the 0/1 int32 ``flags`` (XLA:CPU's cumsum costs ~10 ns per
+    entry: sums within blocks of 32 come from a matmul with a triangle of ones, exact in
+    float32, and only the block totals go through cumsum)."""
+    n = flags.shape[0]
+    blocks = jnp.pad(flags, (0, -n % _PREFIX_BLOCK)).astype(jnp.float32)
+    triangle = jnp.triu(jnp.ones((_PREFIX_BLOCK, _PREFIX_BLOCK), jnp.float32))
+    within = (blocks.reshape(-1, _PREFIX_BLOCK) @ triangle).astype(jnp.int32)
+    totals = within[:, -1]
+    inclusive = within + (jnp.cumsum(totals) - totals)[:, None]
+    return inclusive.reshape(-1)[:n] - flags
+
+
+def _window_histogram(keys: Array, start: Array, width: Array, gather: bool = True) -> Array:
+    """``(_FINE + 1,)`` int32: the count of each key in ``[first, first + span)`` (``first =
+    start << 16``, ``span = width << 16``) at full resolution, then the count above.
+
+    ``gather``: only rows of `_ROW` entries holding a key inside the window are
+    histogrammed (gathered first), when they are at most 1/`_CAP_ROWS` of the rows;
+    otherwise, or without ``gather``, every key is.
+    """
+    first = start.astype(jnp.uint32) << _HALF
+    span = width.astype(jnp.uint32) << _HALF
+
+    def every(count_above: bool):
+        d = keys - first
+        bins = jnp.where(d < span, d.astype(jnp.int32), _FINE if count_above else _DROP)
+        return jnp.zeros(_FINE + 1, jnp.int32).at[
+            jnp.where(keys < first, _DROP, bins)].add(1, mode="drop")
+
+    if not gather:
+        return every(True)
+    n = keys.size
+    rows = -(-n // _ROW)
+    table = jnp.pad(keys, (0, rows * _ROW - n)).reshape(rows, _ROW)
+    offset = table - first  # wraps around below the window
+    inside = offset < span
+    # One row sum carries both counts: above (at most _ROW) in the low byte.
+    packed = jnp.sum(jnp.where(inside, jnp.uint32(256), jnp.uint32(0))
+                     + ((~inside) & (table >= first)).astype(jnp.uint32), axis=1)
+    above = jnp.sum((packed & jnp.uint32(255)).astype(jnp.int32))
+    candidate = (packed >> 8 > 0).astype(jnp.int32)
+    cap = -(-rows // _CAP_ROWS)
+
+    def gathered(_):
+        slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), cap)
+        row = jnp.zeros(cap, jnp.int32).at[slot].set(
+            jnp.arange(rows, dtype=jnp.int32), mode="drop")
+        live = jnp.arange(cap) < jnp.sum(candidate)
+        entry = row[:, None] * _ROW + jnp.arange(_ROW, dtype=jnp.int32)[None, :]
+        got = offset[row]
+        keep = live[:, None] & (entry < n) & (got < span)  # (entry < n): not padding
+        return jnp.zeros(_FINE + 1, jnp.int32).at[
+            jnp.where(keep, got.astype(jnp.int32), _DROP)].add(1, mode="drop")
+
+    hist = lax.cond(jnp.sum(candidate) <= cap, gathered, lambda _: every(False), None)
+    return hist.at[_FINE].add(above)
+
+
+def _window_histograms(acc: Array | None, values: tuple[Array, ...],
+                       window: tuple[Array, Array], gather: bool = True) -> Array:
+    """Adds the window histograms of ``values`` (K arrays) to ``acc`` (``(R * K, _FINE +
+    1)``; row ``i * K + j``: rank i, task j), one task at a time (see `_histograms`).
+    ``gather``: see `_window_histogram`."""
+    starts, widths = window
+    n_ranks, k = starts.shape
+    if acc is None:
+        acc = jnp.zeros((n_ranks * k, _FINE + 1), jnp.int32)
+
+    def task(j, acc):
+        keys = order_key(lax.switch(j, [lambda v=v: v for v in values]))
+        for i in range(n_ranks):
+            acc = acc.at[i * k + j].add(
+                _window_histogram(keys, starts[i, j], widths[i, j], gather))
+        return acc
+
+    return lax.fori_loop(0, k, task, acc)
 
 
 def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
@@ -191,10 +290,12 @@ def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
                                         jnp.int32)[:, None], (len(ranks), k))
 
 
-def window_thresholds(window_hist: Array, starts: Array, ranks: tuple[int, ...]
+def window_thresholds(window_hist: Array, window: tuple[Array, Array], ranks: tuple[int, ...]
                       ) -> tuple[Array, Array]:
     """``(thresholds, found)``, each ``(R, K)``, from the window histograms
-    ``(R * K, _FINE + 1)``; ``found`` is False where the rank is outside the window."""
+    ``(R * K, _FINE + 1)`` of ``window = (starts, widths)``; ``found`` is False where the
+    rank is outside the window."""
+    starts, _ = window
     n_ranks, k = starts.shape
     hist = window_hist.reshape(n_ranks, k, _FINE + 1)
     above, inside = hist[..., _FINE], hist[..., :_FINE]
@@ -267,9 +368,11 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
     if size <= _SAMPLE:
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
-    starts = window_starts(sample, live, size)
-    window = _histograms(None, values, _window_bins(starts), _FINE + 1, rows=len(live))
-    thresholds, found = window_thresholds(window, starts, live)
+    window = window_starts(sample, live, size, narrow=False)
+    # No gathering per tensor: a leaf's own sample leaves windows of 3-4 bins, whose
+    # candidate rows are more than an eighth of the rows (measured on ViT-B/32 shapes).
+    hist = _window_histograms(None, values, window, gather=False)
+    thresholds, found = window_thresholds(hist, window, live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
 
@@ -343,7 +446,8 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     ``values_fn(ctx, base, models, **hparams)`` gives a leaf's K arrays to rank (e.g.
     ``|tau_k|``, elementwise: the sample pass calls it on strided slices; write it from
     ``base - x``, not ``x - base``, so that XLA does not share it with the merge's
-    ``x - base`` and keep it alive for every leaf: measured, 7 models' worth); ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
+    ``x - base`` and keep it alive for every leaf: measured, 7 models' worth);
+    ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
     counted over the whole model (``ctx.total_size`` entries per task), or () to skip.
     Four passes: the sample, the window, and the two exact radix passes of the fallback,
     which skip their work (`lax.cond`) unless the window missed. `global_thresholds`
@@ -393,9 +497,8 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
         return lambda h, v: _histograms(h, v(), _high_bins, _BINS)
 
     def window_add(ctx, ranks):
-        starts = ctx.stats[-1]
-        return lambda h, v: _histograms(h, v(), _window_bins(starts), _FINE + 1,
-                                        rows=len(ranks))
+        window = ctx.stats[-1]
+        return lambda h, v: _window_histograms(h, v(), window)
 
     def high_add(ctx, ranks):
         _, found = ctx.stats[-1]
