@@ -440,7 +440,7 @@ def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray
     return hist
 
 
-_window_hist = jax.jit(stages._window_histogram, static_argnums=3)  # noqa: SLF001
+_window_hist = jax.jit(stages._window_histogram, static_argnums=4)  # noqa: SLF001
 
 
 @pytest.mark.parametrize("case,gathered", [("sparse", True), ("dense", False),
@@ -468,8 +468,10 @@ def test_window_histogram_gathers_candidate_rows_or_histograms_every_key(case, g
     keys = keys.astype(np.uint32)
     want = ref_window_histogram(keys, start, width)
     for gather in (True, False):
-        got = _window_hist(jnp.asarray(keys), jnp.int32(start), jnp.int32(width), gather)
-        np.testing.assert_array_equal(np.asarray(got), want)
+        start_from = jnp.arange(stages._FINE + 1, dtype=jnp.int32)  # noqa: SLF001
+        got = _window_hist(start_from, jnp.asarray(keys), jnp.int32(start), jnp.int32(width),
+                           gather)
+        np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
 
 
 @settings(max_examples=16, deadline=None, derandomize=True)

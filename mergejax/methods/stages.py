@@ -219,9 +219,11 @@ def _exclusive_prefix(flags: Array) -> Array:
     return inclusive.reshape(-1)[:n] - flags
 
 
-def _window_histogram(keys: Array, start: Array, width: Array, gather: bool = True) -> Array:
-    """``(_FINE + 1,)`` int32: the count of each key in ``[first, first + span)`` (``first =
-    start << 16``, ``span = width << 16``) at full resolution, then the count above.
+def _window_histogram(hist: Array, keys: Array, start: Array, width: Array,
+                      gather: bool = True) -> Array:
+    """Adds to ``hist`` (``(_FINE + 1,)`` int32) the count of each key in ``[first, first +
+    span)`` (``first = start << 16``, ``span = width << 16``) at full resolution, then the
+    count above.
 
     ``gather``: only rows of `_ROW` entries holding a key inside the window are
     histogrammed (gathered first), when they are at most 1/`_CAP_ROWS` of the rows;
@@ -233,8 +235,7 @@ def _window_histogram(keys: Array, start: Array, width: Array, gather: bool = Tr
     def every(count_above: bool):
         d = keys - first
         bins = jnp.where(d < span, d.astype(jnp.int32), _FINE if count_above else _DROP)
-        return jnp.zeros(_FINE + 1, jnp.int32).at[
-            jnp.where(keys < first, _DROP, bins)].add(1, mode="drop")
+        return hist.at[jnp.where(keys < first, _DROP, bins)].add(1, mode="drop")
 
     if not gather:
         return every(True)
@@ -258,11 +259,10 @@ def _window_histogram(keys: Array, start: Array, width: Array, gather: bool = Tr
         entry = row[:, None] * _ROW + jnp.arange(_ROW, dtype=jnp.int32)[None, :]
         got = offset[row]
         keep = live[:, None] & (entry < n) & (got < span)  # (entry < n): not padding
-        return jnp.zeros(_FINE + 1, jnp.int32).at[
-            jnp.where(keep, got.astype(jnp.int32), _DROP)].add(1, mode="drop")
+        return hist.at[jnp.where(keep, got.astype(jnp.int32), _DROP)].add(1, mode="drop")
 
-    hist = lax.cond(jnp.sum(candidate) <= cap, gathered, lambda _: every(False), None)
-    return hist.at[_FINE].add(above)
+    counted = lax.cond(jnp.sum(candidate) <= cap, gathered, lambda _: every(False), None)
+    return counted.at[_FINE].add(above)
 
 
 def _window_histograms(acc: Array | None, values: tuple[Array, ...],
@@ -278,8 +278,9 @@ def _window_histograms(acc: Array | None, values: tuple[Array, ...],
     def task(j, acc):
         keys = order_key(lax.switch(j, [lambda v=v: v for v in values]))
         for i in range(n_ranks):
-            acc = acc.at[i * k + j].add(
-                _window_histogram(keys, starts[i, j], widths[i, j], gather))
+            row = i * k + j
+            acc = acc.at[row].set(
+                _window_histogram(acc[row], keys, starts[i, j], widths[i, j], gather))
         return acc
 
     return lax.fori_loop(0, k, task, acc)
