@@ -190,13 +190,13 @@ def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int,
     counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)[None, :]  # (1, K)
     fraction = jnp.asarray([r / size for r in ranks], jnp.float32)[:, None]
     scaled = jnp.clip(counts * fraction, 1.0, jnp.maximum(counts, 1.0))
-    spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
     as_rank = lambda r: jnp.clip(jnp.ceil(r), 1, jnp.maximum(counts, 1)).astype(jnp.int32)
     hist = jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape)
     centre, _ = _select_bin(hist, as_rank(scaled))
     wide = jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
     if not narrow:  # (each _select_bin is a cumsum over 65536 bins: ~10 ns per bin)
         return wide, jnp.full_like(wide, _WINDOW)
+    spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
     top, _ = _select_bin(hist, as_rank(scaled - spread))  # higher keys: smaller ranks
     bottom, _ = _select_bin(hist, as_rank(scaled + spread))
     fits = top - bottom < _WINDOW
