@@ -440,7 +440,7 @@ def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray
     return hist
 
 
-_window_hist = jax.jit(stages._window_histogram, static_argnums=4)  # noqa: SLF001
+_window_hist = jax.jit(stages._window_histogram)  # noqa: SLF001
 
 
 @pytest.mark.parametrize("case,gathered", [("sparse", True), ("dense", False),
@@ -467,11 +467,9 @@ def test_window_histogram_gathers_candidate_rows_or_histograms_every_key(case, g
     assert (rows.mean() <= 1 / 8) == gathered and rows.any() == (case != "empty")
     keys = keys.astype(np.uint32)
     want = ref_window_histogram(keys, start, width)
-    for gather in (True, False):
-        start_from = jnp.arange(stages._FINE + 1, dtype=jnp.int32)  # noqa: SLF001
-        got = _window_hist(start_from, jnp.asarray(keys), jnp.int32(start), jnp.int32(width),
-                           gather)
-        np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
+    start_from = jnp.arange(stages._FINE + 1, dtype=jnp.int32)  # noqa: SLF001
+    got = _window_hist(start_from, jnp.asarray(keys), jnp.int32(start), jnp.int32(width))
+    np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
 
 
 @settings(max_examples=16, deadline=None, derandomize=True)
@@ -498,13 +496,15 @@ def test_kth_largest_and_magnitude_threshold_static_ranks(n, rank):
 
 
 def _window_found(values, ranks):
-    """Whether the sampled window holds every rank (False: the exact fallback runs)."""
+    """Whether the per-tensor sampled window holds every rank (False: the exact fallback
+    runs), computed as `select_thresholds` does."""
     n = values[0].size
     sample = stages._histograms(None, values, stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
-    window = stages.window_starts(sample, ranks, n)
-    hist = stages._window_histograms(None, values, window)  # noqa: SLF001
-    return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1]))
+    starts = stages.window_starts(sample, ranks, n)
+    hist = stages._histograms(None, values, stages._window_bins(starts),  # noqa: SLF001
+                              stages._FINE + 1, rows=len(ranks))  # noqa: SLF001
+    return bool(jnp.all(stages.window_thresholds(hist, starts, ranks)[1]))
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])

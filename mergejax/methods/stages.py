@@ -176,31 +176,62 @@ def sample_stride(size: int) -> int:
     return max(1, size // _SAMPLE)
 
 
-def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int,
-                  narrow: bool = True) -> tuple[Array, Array]:
-    """``(starts, widths)``, each ``(R, K)``: the first high bin of each rank's window and
-    its number of bins (1 to 4), from the sample's high-bin histograms ``(K, _BINS)``.
-
-    ``narrow``: the window spans the high bins of the sample ranks ``s +- 4 sqrt(s (1 -
-    s / m))`` (``s`` the wanted rank scaled to the ``m`` sampled entries), which is what
-    the gathered window pass needs (fewer candidate rows); where that needs more than 4
-    bins, and without ``narrow``, the 4 bins centred on ``s``'s (a wider window costs
-    nothing when every key is histogrammed, and misses less often).
-    """
-    counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)[None, :]  # (1, K)
+def _scaled_ranks(sample_hist: Array, ranks: tuple[int, ...], size: int
+                  ) -> tuple[Array, Array, Array]:
+    """``(hist, counts, scaled)``: the sample's high-bin histograms ``(K, _BINS)``
+    broadcast to ``(R, K, _BINS)``, the sample sizes ``(1, K)`` and each rank scaled to
+    the sample ``(R, K)`` (float)."""
+    counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)[None, :]
     fraction = jnp.asarray([r / size for r in ranks], jnp.float32)[:, None]
     scaled = jnp.clip(counts * fraction, 1.0, jnp.maximum(counts, 1.0))
-    as_rank = lambda r: jnp.clip(jnp.ceil(r), 1, jnp.maximum(counts, 1)).astype(jnp.int32)
-    hist = jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape)
-    centre, _ = _select_bin(hist, as_rank(scaled))
-    wide = jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
-    if not narrow:  # (each _select_bin is a cumsum over 65536 bins: ~10 ns per bin)
-        return wide, jnp.full_like(wide, _WINDOW)
+    return jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape), counts, scaled
+
+
+def _sample_bin(hist: Array, counts: Array, rank: Array) -> Array:
+    """The high bin holding the sample's ``rank``-th largest entry (``rank`` float,
+    rounded up and clipped to the sample). Each call is a cumsum over 65536 bins (~10 ns
+    per bin on XLA:CPU)."""
+    rank = jnp.clip(jnp.ceil(rank), 1, jnp.maximum(counts, 1)).astype(jnp.int32)
+    return _select_bin(hist, rank)[0]
+
+
+def _centred(centre: Array) -> Array:
+    return jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
+
+
+def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Array:
+    """``(R, K)`` first high bin of each rank's window of `_WINDOW` bins centred on the
+    sample's estimate, from the sample's high-bin histograms ``(K, _BINS)`` (the
+    per-tensor window: every key is histogrammed, so a wide window costs nothing and
+    misses less often)."""
+    hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
+    return _centred(_sample_bin(hist, counts, scaled))
+
+
+def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int
+                  ) -> tuple[Array, Array]:
+    """``(starts, widths)``, each ``(R, K)``: the first high bin of each rank's window and
+    its number of bins (1 to 4), for the gathered (model-wide) window pass, which wants
+    few candidate rows. The window spans the high bins of the sample ranks ``s +- 4
+    sqrt(s (1 - s / m))`` (``s`` the wanted rank scaled to the ``m`` sampled entries);
+    where that needs more than `_WINDOW` bins, the `window_starts` window."""
+    hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
     spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
-    top, _ = _select_bin(hist, as_rank(scaled - spread))  # higher keys: smaller ranks
-    bottom, _ = _select_bin(hist, as_rank(scaled + spread))
+    top = _sample_bin(hist, counts, scaled - spread)  # higher keys: smaller ranks
+    bottom = _sample_bin(hist, counts, scaled + spread)
     fits = top - bottom < _WINDOW
+    wide = _centred(_sample_bin(hist, counts, scaled))
     return jnp.where(fits, bottom, wide), jnp.where(fits, top - bottom + 1, _WINDOW)
+
+
+def _window_bins(starts: Array):
+    """Per-tensor window bins of rank i for task j: the key's fine bin inside the window,
+    _FINE above it, `_DROP` below it."""
+    def bins(keys, i, j):
+        first = starts[i, j].astype(jnp.uint32) << _HALF
+        above = jnp.minimum(keys - first, jnp.uint32(_FINE)).astype(jnp.int32)
+        return jnp.where(keys < first, _DROP, above)
+    return bins
 
 
 _ROW = 32  # entries per row of the window pass's row test
@@ -221,26 +252,23 @@ def _exclusive_prefix(flags: Array) -> Array:
     return inclusive.reshape(-1)[:n] - flags
 
 
-def _window_histogram(hist: Array, keys: Array, start: Array, width: Array,
-                      gather: bool = True) -> Array:
+def _window_histogram(hist: Array, keys: Array, start: Array, width: Array) -> Array:
     """Adds to ``hist`` (``(_FINE + 1,)`` int32) the count of each key in ``[first, first +
     span)`` (``first = start << 16``, ``span = width << 16``) at full resolution, then the
     count above.
 
-    ``gather``: only rows of `_ROW` entries holding a key inside the window are
-    histogrammed (gathered first), when they are at most 1/`_CAP_ROWS` of the rows;
-    otherwise, or without ``gather``, every key is.
+    Only rows of `_ROW` entries holding a key inside the window are histogrammed
+    (gathered first), when they are at most 1/`_CAP_ROWS` of the rows; otherwise every
+    key is.
     """
     first = start.astype(jnp.uint32) << _HALF
     span = width.astype(jnp.uint32) << _HALF
 
-    def every(count_above: bool):
+    def every(_):
         d = keys - first
-        bins = jnp.where(d < span, d.astype(jnp.int32), _FINE if count_above else _DROP)
-        return hist.at[jnp.where(keys < first, _DROP, bins)].add(1, mode="drop")
+        inside = (keys >= first) & (d < span)
+        return hist.at[jnp.where(inside, d.astype(jnp.int32), _DROP)].add(1, mode="drop")
 
-    if not gather:
-        return every(True)
     n = keys.size
     rows = -(-n // _ROW)
     table = jnp.pad(keys, (0, rows * _ROW - n)).reshape(rows, _ROW)
@@ -263,15 +291,15 @@ def _window_histogram(hist: Array, keys: Array, start: Array, width: Array,
         keep = live[:, None] & (entry < n) & (got < span)  # (entry < n): not padding
         return hist.at[jnp.where(keep, got.astype(jnp.int32), _DROP)].add(1, mode="drop")
 
-    counted = lax.cond(jnp.sum(candidate) <= cap, gathered, lambda _: every(False), None)
+    counted = lax.cond(jnp.sum(candidate) <= cap, gathered, every, None)
     return counted.at[_FINE].add(above)
 
 
 def _window_histograms(acc: Array | None, values: tuple[Array, ...],
-                       window: tuple[Array, Array], gather: bool = True) -> Array:
-    """Adds the window histograms of ``values`` (K arrays) to ``acc`` (``(R * K, _FINE +
-    1)``; row ``i * K + j``: rank i, task j), one task at a time (see `_histograms`).
-    ``gather``: see `_window_histogram`."""
+                       window: tuple[Array, Array]) -> Array:
+    """Adds the `narrow_window` histograms of ``values`` (K arrays) to ``acc`` (``(R * K,
+    _FINE + 1)``; row ``i * K + j``: rank i, task j), one task at a time (see
+    `_histograms`), each by `_window_histogram`."""
     starts, widths = window
     n_ranks, k = starts.shape
     if acc is None:
@@ -282,7 +310,7 @@ def _window_histograms(acc: Array | None, values: tuple[Array, ...],
         for i in range(n_ranks):
             row = i * k + j
             acc = acc.at[row].set(
-                _window_histogram(acc[row], keys, starts[i, j], widths[i, j], gather))
+                _window_histogram(acc[row], keys, starts[i, j], widths[i, j]))
         return acc
 
     return lax.fori_loop(0, k, task, acc)
@@ -293,12 +321,11 @@ def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
                                         jnp.int32)[:, None], (len(ranks), k))
 
 
-def window_thresholds(window_hist: Array, window: tuple[Array, Array], ranks: tuple[int, ...]
+def window_thresholds(window_hist: Array, starts: Array, ranks: tuple[int, ...]
                       ) -> tuple[Array, Array]:
     """``(thresholds, found)``, each ``(R, K)``, from the window histograms
-    ``(R * K, _FINE + 1)`` of ``window = (starts, widths)``; ``found`` is False where the
-    rank is outside the window."""
-    starts, _ = window
+    ``(R * K, _FINE + 1)`` of the windows starting at high bins ``starts``; ``found`` is
+    False where the rank is outside the window."""
     n_ranks, k = starts.shape
     hist = window_hist.reshape(n_ranks, k, _FINE + 1)
     above, inside = hist[..., _FINE], hist[..., :_FINE]
@@ -371,11 +398,12 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
     if size <= _SAMPLE:
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
-    window = window_starts(sample, live, size, narrow=False)
-    # No gathering per tensor: a leaf's own sample leaves windows of 3-4 bins, whose
-    # candidate rows are more than an eighth of the rows (measured on ViT-B/32 shapes).
-    hist = _window_histograms(None, values, window, gather=False)
-    thresholds, found = window_thresholds(hist, window, live)
+    # Per tensor, every key is histogrammed: a leaf's own sample leaves windows of 3-4
+    # bins, whose candidate rows are more than an eighth of the rows (measured on ViT-B/32
+    # shapes), so gathering them (`_window_histograms`) was slower.
+    starts = window_starts(sample, live, size)
+    hist = _histograms(None, values, _window_bins(starts), _FINE + 1, rows=len(live))
+    thresholds, found = window_thresholds(hist, starts, live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
 
@@ -519,10 +547,10 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
         lambda ranks, k: jnp.zeros(((len(ranks) if rows else 1) * k, width), jnp.int32))
     return (
         pass_(sample_add, bins(_BINS),
-              lambda ctx, ranks, h: window_starts(h, ranks, ctx.total_size), read=strided),
+              lambda ctx, ranks, h: narrow_window(h, ranks, ctx.total_size), read=strided),
         pass_(window_add, bins(_FINE + 1, rows=True),
               lambda ctx, ranks, h: (lambda t, f: (t, jnp.all(f)))(
-                  *window_thresholds(h, ctx.stats[-1], ranks))),
+                  *window_thresholds(h, ctx.stats[-1][0], ranks))),
         pass_(high_add, bins(_BINS), lambda ctx, ranks, h: h),
         pass_(low_add, bins(_BINS, rows=True),
               lambda ctx, ranks, h: jnp.where(ctx.stats[-2][1], ctx.stats[-2][0],
