@@ -180,9 +180,9 @@ def test_adamerging_lowers_entropy_and_compiles_once():
     result = mergejax.adamerging(base, models, apply_fn=counting_apply,
                                  batches=cycles(inputs), steps=30, learning_rate=0.05)
     assert result.losses[-1] < result.losses[0] - 0.05
-    # One trace of the step (the tasks are unrolled: K calls); later steps reuse it, and
-    # the final merge does not apply the model.
-    assert len(traces) == K
+    # One trace of the per-task program (compiled once, run for each task); later steps
+    # reuse it, and the final merge does not apply the model.
+    assert len(traces) == 1
     assert result.coefficients.shape == (3, K)
     expected = np_merge(base, models, np.asarray(result.coefficients, np.float64),
                         {p: i for i, p in enumerate(PATHS)})
@@ -323,29 +323,29 @@ def test_entropy_and_task_logits():
     assert float(loop.task_logits(lambda p, b: p * b, None, 3.0, 2.0, 1)) == 6.0
 
 
-def test_fused_and_per_task_forward_agree():
-    """Running the model once on all tasks' batches gives the per-task losses and
-    gradients."""
+@pytest.mark.parametrize("tasks", ["fused", "unrolled"])
+def test_task_modes_agree_with_sequential(tasks):
+    """The one-program modes (all tasks' batches concatenated, or the tasks unrolled) give
+    the default sequential step's losses and updates, ragged batch sizes included."""
     base, models, inputs = setup(15)
     groups = coef.coefficient_groups(base, "layer")
     lam = jnp.full((3, K), 0.3)
-    outs = []
-    for fuse in (True, False):
-        step = coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0),
-                                    fuse_tasks=fuse)
-        outs.append(step((lam, optax.sgd(1.0).init(lam)), tuple(inputs), base, models))
-    (fused, _), loss_fused = outs[0]
-    (single, _), loss_single = outs[1]
-    np.testing.assert_allclose(loss_fused, loss_single, rtol=1e-6)
-    np.testing.assert_allclose(fused, single, rtol=1e-5, atol=1e-6)
-    # Batches of different sizes.
-    ragged = (inputs[0], inputs[1][:4], inputs[2])
     state = (lam, optax.sgd(1.0).init(lam))
-    results = [coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0),
-                                    fuse_tasks=fuse)(state, ragged, base, models)
-               for fuse in (True, False)]
-    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
-    np.testing.assert_allclose(results[0][0][0], results[1][0][0], rtol=1e-5, atol=1e-6)
+    for batches in (tuple(inputs), (inputs[0], inputs[1][:4], inputs[2])):
+        (want, _), want_loss = coef.adamerging_step(
+            apply_fn, None, groups, optimizer=optax.sgd(1.0))(state, batches, base, models)
+        (got, _), loss = coef.adamerging_step(
+            apply_fn, None, groups, optimizer=optax.sgd(1.0), tasks=tasks)(
+                state, batches, base, models)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, lam)  # the step did move the coefficients
+    with pytest.raises(MergeError, match="tasks must be one of"):
+        coef.adamerging_step(apply_fn, None, groups, optimizer=optax.sgd(1.0), tasks="loop")
+
+
+def test_all_task_logits_fuses_batches():
+    base, _, inputs = setup(15)
     calls = []
     counting = lambda p, x: calls.append(x.shape) or apply_fn(p, x)  # noqa: E731
     ragged = [inputs[0], inputs[1][:4], inputs[2]]  # batch sizes may differ

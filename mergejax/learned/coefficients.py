@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -213,24 +214,35 @@ def _check_bounds(clip: Any) -> tuple[float, float] | None:
     return lo, hi
 
 
+TASK_MODES = ("sequential", "unrolled", "fused")
+
+
 def adamerging_step(apply_fn: Callable[[PyTree, Any], Any],
                     heads: Sequence[Callable[[Any], jax.Array]] | None,
                     groups: CoefficientGroups, *, optimizer: optax.GradientTransformation,
                     clip: Any = None, method: str = "task_arithmetic",
                     coefficient: str = "weights",
                     method_hparams: Mapping[str, Any] | None = None,
-                    fuse_tasks: bool = False) -> Callable[..., Any]:
-    """AdaMerging's jit-compiled step, for custom loops:
+                    tasks: str = "sequential") -> Callable[..., Any]:
+    """AdaMerging's step, for custom loops:
     ``(coefficients, opt_state), loss = step((coefficients, opt_state), task_batches, base,
     models)``: merge, run every task's batch, sum the entropies, differentiate with respect
     to the ``(G, K)`` coefficients, apply the ``optimizer``'s update (and the ``clip``
-    projection). ``base`` and ``models`` are arguments, not constants of the program.
-    By default each task's batch runs through the merged model on its own
-    (`loop.summed_task_value_and_grad`, as the reference's per-task backward) and the
-    summed gradient is pulled back through the merge once; ``fuse_tasks=True`` runs the
-    model once on all tasks' batches concatenated (`loop.all_task_logits`; the same
-    numbers for a model that treats examples independently; on XLA:CPU not faster for a
-    ViT-B/32, and it holds every task's activations at once).
+    projection). ``base`` and ``models`` are arguments, not constants of the programs.
+
+    The summed gradient in the merged params is pulled back through the merge once.
+    ``tasks`` says how the tasks' forward and backward passes run (the same numbers):
+
+    * ``"sequential"`` (default): one compiled forward and backward, run once per task
+      (`loop.sequential_task_value_and_grad`, as the reference's per-task
+      ``loss.backward()``), between a compiled merge and a compiled pull-back and update.
+      Peak memory holds one task's activations, whatever the number of tasks.
+    * ``"unrolled"``: the whole step is one ``jax.jit`` program with the tasks unrolled
+      (`loop.summed_task_value_and_grad`). On XLA:CPU it holds about two models' worth of
+      temporaries per task (ViT-B/32, 8 tasks: 5.9 GiB) and is not faster.
+    * ``"fused"``: one ``jax.jit`` program running the model once on all tasks' batches
+      concatenated (`loop.all_task_logits`; the same numbers for a model that treats
+      examples independently); it holds every task's activations at once.
 
     Example::
 
@@ -240,50 +252,59 @@ def adamerging_step(apply_fn: Callable[[PyTree, Any], Any],
         (lam, opt_state), loss = step((lam, optax.adam(1e-3).init(lam)), batches, base, fts)
     """
     bounds = _check_bounds(clip)
+    if tasks not in TASK_MODES:
+        raise MergeError(f"tasks must be one of {TASK_MODES}, got {tasks!r}")
 
     def merged(lam, base, models):
         return merge_with_coefficients(base, models, lam, groups, method=method,
                                        coefficient=coefficient, method_hparams=method_hparams)
-
-    def fused_loss(params, task_batches):
-        return sum(loop.entropy(logits) for logits in loop.all_task_logits(
-            apply_fn, heads, params, task_batches, fuse=True))
 
     def task_losses(k):
         if heads is None:
             return [loop.entropy] * k
         return [lambda out, head=head: loop.entropy(head(out)) for head in heads]
 
-    @jax.jit
-    def step(state, task_batches, base, models):
+    def update(state, float_grads, base, models):
+        """Pulls the gradient in the merged params' floating leaves back to the
+        coefficients (the other leaves are the base's) and applies the optimiser."""
         lam, opt_state = state
         params, merge_vjp = jax.vjp(lambda lam: merged(lam, base, models), lam)
-        # Differentiate the loss in the merged params' floating leaves only (the others,
-        # e.g. step counters, are the base's), then pull back to the coefficients.
         leaves, treedef = jax.tree.flatten(params)
-        floating = [is_float(x) for x in leaves]
-
-        def full(float_leaves):
-            it = iter(float_leaves)
-            return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floating)])
-
-        float_leaves = [x for x, f in zip(leaves, floating) if f]
-        if fuse_tasks:
-            loss, grads = jax.value_and_grad(lambda fl: fused_loss(full(fl), task_batches))(
-                float_leaves)
-        else:
-            loss, grads = loop.summed_task_value_and_grad(
-                lambda fl, b: apply_fn(full(fl), b), task_losses(len(task_batches)),
-                float_leaves, task_batches)
-        it = iter(grads)
+        it = iter(float_grads)
         (grad,) = merge_vjp(treedef.unflatten([
-            next(it) if f else np.zeros(np.shape(x), jax.dtypes.float0)
-            for x, f in zip(leaves, floating)]))
+            next(it) if is_float(x) else np.zeros(np.shape(x), jax.dtypes.float0)
+            for x in leaves]))
         updates, opt_state = optimizer.update(grad, opt_state, lam)
         lam = optax.apply_updates(lam, updates)
         if bounds is not None:
             lam = jnp.clip(lam, *bounds)
-        return (lam, opt_state), loss
+        return lam, opt_state
+
+    if tasks == "sequential":
+        merge_fn, update_fn = jax.jit(merged), jax.jit(update)
+        value_and_grad = functools.cache(lambda k: loop.sequential_task_value_and_grad(
+            apply_fn, task_losses(k)))  # compiled once per number of tasks
+
+        def sequential_step(state, task_batches, base, models):
+            loss, grads = value_and_grad(len(task_batches))(
+                merge_fn(state[0], base, models), task_batches)
+            return update_fn(state, grads, base, models), loss
+
+        return sequential_step
+
+    @jax.jit
+    def step(state, task_batches, base, models):
+        params = merged(state[0], base, models)
+        float_leaves, rebuild = loop.floating_split(params)
+        if tasks == "fused":
+            loss, grads = jax.value_and_grad(lambda fl: sum(
+                loop.entropy(logits) for logits in loop.all_task_logits(
+                    apply_fn, heads, rebuild(fl), task_batches, fuse=True)))(float_leaves)
+        else:
+            loss, grads = loop.summed_task_value_and_grad(
+                lambda fl, b: apply_fn(rebuild(fl), b), task_losses(len(task_batches)),
+                float_leaves, task_batches)
+        return update(state, grads, base, models), loss
 
     return step
 
@@ -297,12 +318,13 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
                optimizer: optax.GradientTransformation | None = None,
                clip: Any = None, method: str = "task_arithmetic",
                coefficient: str = "weights", method_hparams: Mapping[str, Any] | None = None,
-               fuse_tasks: bool = False, checkpoint_dir: str | None = None,
+               tasks: str = "sequential", checkpoint_dir: str | None = None,
                checkpoint_every: int = 100, log_every: int = 0) -> AdaMergingResult:
     """AdaMerging (Yang et al. 2024, arXiv 2310.02575): learns the merge coefficients by
     minimising ``sum_t entropy(softmax(logits_t))`` on unlabeled test batches of every
-    task, with optax. One jit-compiled step merges, runs the model on all tasks' batches,
-    and updates the coefficients.
+    task, with optax. Each step merges (compiled), runs the model on every task's batch
+    and differentiates (compiled once, run per task by default: ``tasks``), then pulls the
+    gradient back to the coefficients and updates them (compiled).
 
     Args follow `mergejax.learned.loop`'s convention (``apply_fn``, ``heads``,
     ``batches``); coefficient groups and ``method`` are in the module docstring.
@@ -312,7 +334,7 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
     steps (``max_steps``), the paper 500. ``clip=(0, 1)`` (or True) projects the
     coefficients into the box after every update (FusionBench's ``clamp_weights`` clamps
     them inside the forward instead; both keep the merge inside the box).
-    ``fuse_tasks`` is `adamerging_step`'s. ``checkpoint_dir`` saves and resumes
+    ``tasks`` is `adamerging_step`'s. ``checkpoint_dir`` saves and resumes
     coefficients and optimiser state with orbax
     (`loop.optimize`); a NaN loss stops with an error naming the last good checkpoint.
 
@@ -340,7 +362,7 @@ def adamerging(base: PyTree, models: Sequence[PyTree], *,
 
     step = adamerging_step(apply_fn, heads, groups_, optimizer=opt, clip=bounds,
                            method=method, coefficient=coefficient,
-                           method_hparams=method_hparams, fuse_tasks=fuse_tasks)
+                           method_hparams=method_hparams, tasks=tasks)
     models = list(models)
     result = loop.optimize(lambda state, b: step(state, b, base, models),
                            (coefficients, opt.init(coefficients)), draw, steps=steps,

@@ -15,7 +15,7 @@ objective, and a checkpointed optax loop that stops cleanly on a NaN loss.
   ``itertools.cycle`` (or an infinite ``tf.data``/grain pipeline) for more steps than
   batches.
 
-Sharded params work unchanged: every step is one ``jax.jit`` of pure functions.
+Sharded params work unchanged: every step is made of ``jax.jit``-compiled pure functions.
 
 **Checkpoints** (`optimize`): with ``checkpoint_dir`` the loop saves its state (the learned
 parameters, the optax state, the loss history) with orbax every ``checkpoint_every`` steps
@@ -40,13 +40,14 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mergejax.tree import MergeError, PyTree
+from mergejax.tree import MergeError, PyTree, is_float
 
 __all__ = [
     "LoopResult",
     "all_task_logits",
     "cached_adam",
     "check_task_batches",
+    "sequential_task_value_and_grad",
     "summed_task_value_and_grad",
     "TaskBatches",
     "check_heads",
@@ -148,7 +149,8 @@ def summed_task_value_and_grad(apply_fn: ApplyFn,
     from the gradient sum of tasks <= t). Measured on XLA:CPU (ViT-B/32, 16 images per
     task): unrolled, 2 tasks took 6.0-6.5 s against 10.7 s for a ``lax.scan`` over them
     and 7.1 s for two separate calls; with 8 tasks the compiled step still holds about 17
-    models' worth of temporaries (a scan holds fewer, at 1.5x the time). Use inside
+    models' worth of temporaries (a scan holds fewer, at 1.5-4x the time;
+    `sequential_task_value_and_grad` holds one task's at the unrolled speed). Use inside
     ``jax.jit``.
 
     Example::
@@ -165,6 +167,73 @@ def summed_task_value_and_grad(apply_fn: ApplyFn,
         loss, g = jax.value_and_grad(lambda q: loss_of_outputs(apply_fn(q, b)))(params)
         total, grads = total + loss, jax.tree.map(jnp.add, grads, g)
     return total, grads
+
+
+def floating_split(params: PyTree) -> tuple[list[jax.Array], Callable[[Sequence[Any]], PyTree]]:
+    """``(float_leaves, rebuild)``: the floating leaves of ``params`` (what a loss is
+    differentiated in) and ``rebuild(leaves)``, the tree with those leaves replaced and
+    the other leaves (step counters, integer buffers) kept.
+
+    Example::
+
+        leaves, rebuild = floating_split(params)
+        grads = jax.grad(lambda fl: loss(rebuild(fl)))(leaves)
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    floating = [is_float(x) for x in leaves]
+
+    def rebuild(float_leaves: Sequence[Any]) -> PyTree:
+        it = iter(float_leaves)
+        return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floating)])
+
+    return [x for x, f in zip(leaves, floating) if f], rebuild
+
+
+def sequential_task_value_and_grad(apply_fn: ApplyFn,
+                                   task_losses: Sequence[Callable[[Any], jax.Array]]
+                                   ) -> Callable[[PyTree, Sequence[Any]], tuple[jax.Array,
+                                                                                 list]]:
+    """``value_and_grad(params, task_batches) -> (loss, grads)``: ``sum_t
+    task_losses[t](apply_fn(params, batches[t]))`` and its gradient with respect to the
+    floating leaves of ``params`` (a list, in `floating_split` order), one task at a
+    time: a single compiled forward and backward (the task index is traced and picks the
+    task's loss with `jax.lax.switch`) runs once per task and adds its gradient into a
+    donated accumulator. Peak memory is one task's activations plus the params and the
+    gradient sum, whatever the number of tasks; it is compiled once (per batch shape).
+    Called outside ``jax.jit``; `summed_task_value_and_grad` is the in-jit version.
+
+    Measured (ViT-B/32, 16 images per task, XLA:CPU): as fast per task as the unrolled
+    program, with 4 tasks 13.3-14.6 s against 14.3-14.7 s and 4.2 GiB of RSS against 5.8.
+
+    Example::
+
+        losses = [lambda out, h=h: entropy(h(out)) for h in heads]
+        loss, grads = sequential_task_value_and_grad(embed, losses)(merged, batches)
+    """
+    task_losses = list(task_losses)
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def add_task(params, batch, acc, task):
+        float_leaves, rebuild = floating_split(params)
+        loss, grads = jax.value_and_grad(lambda fl: jax.lax.switch(
+            task, task_losses, apply_fn(rebuild(fl), batch)))(float_leaves)
+        total, summed = acc
+        return total + loss, [a + g for a, g in zip(summed, grads)]
+
+    @jax.jit
+    def zeros(params):
+        return jnp.zeros(()), [jnp.zeros_like(x) for x in floating_split(params)[0]]
+
+    def value_and_grad(params: PyTree, task_batches: Sequence[Any]) -> tuple[jax.Array, list]:
+        batches = list(task_batches)
+        if len(task_losses) != len(batches):
+            raise MergeError(f"got {len(task_losses)} task losses for {len(batches)} batches")
+        acc = zeros(params)
+        for t, batch in enumerate(batches):
+            acc = add_task(params, batch, acc, jnp.int32(t))
+        return acc
+
+    return value_and_grad
 
 
 def entropy(logits: jax.Array) -> jax.Array:
