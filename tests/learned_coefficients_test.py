@@ -371,3 +371,34 @@ def test_task_batches_peek_gives_the_first_batches_back():
         draw(3)
     with pytest.raises(MergeError, match="batches must be a sequence of iterables"):
         loop.TaskBatches(iter([]), "t", 2)
+
+
+def test_sequential_task_value_and_grad_sums_each_tasks_own_loss():
+    """Task t's batch goes through task t's loss (the traced index picks it), the
+    gradient is taken in the floating leaves only, and the sum equals jax.grad of the
+    summed loss computed directly."""
+    base, _, inputs = setup(21)
+    scales = (1.0, -2.0, 0.5)
+    losses = [lambda out, s=s: s * jnp.sum(out ** 2) for s in scales]
+    traces = []
+
+    def counting(p, x):
+        traces.append(1)
+        return apply_fn(p, x)
+
+    value_and_grad = loop.sequential_task_value_and_grad(counting, losses)
+    loss, grads = value_and_grad(base, inputs)
+    leaves, rebuild = loop.floating_split(base)
+    assert len(grads) == len(leaves) == 3  # the int32 "step" leaf is left out
+
+    def direct(fl):
+        return sum(s * jnp.sum(apply_fn(rebuild(fl), x) ** 2) for s, x in zip(scales, inputs))
+
+    want_loss, want = jax.value_and_grad(direct)(leaves)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    value_and_grad(base, inputs)
+    assert len(traces) == 1  # one program, run per task and reused by later calls
+    with pytest.raises(MergeError, match="got 3 task losses for 2 batches"):
+        value_and_grad(base, inputs[:2])
