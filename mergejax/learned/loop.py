@@ -47,6 +47,7 @@ __all__ = [
     "all_task_logits",
     "cached_adam",
     "check_task_batches",
+    "floating_split",
     "sequential_task_value_and_grad",
     "summed_task_value_and_grad",
     "TaskBatches",
