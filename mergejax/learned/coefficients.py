@@ -270,11 +270,9 @@ def adamerging_step(apply_fn: Callable[[PyTree, Any], Any],
         coefficients (the other leaves are the base's) and applies the optimiser."""
         lam, opt_state = state
         params, merge_vjp = jax.vjp(lambda lam: merged(lam, base, models), lam)
-        leaves, treedef = jax.tree.flatten(params)
-        it = iter(float_grads)
-        (grad,) = merge_vjp(treedef.unflatten([
-            next(it) if is_float(x) else np.zeros(np.shape(x), jax.dtypes.float0)
-            for x in leaves]))
+        _, rebuild = loop.floating_split(params)
+        (grad,) = merge_vjp(rebuild(float_grads, lambda x: np.zeros(np.shape(x),
+                                                                    jax.dtypes.float0)))
         updates, opt_state = optimizer.update(grad, opt_state, lam)
         lam = optax.apply_updates(lam, updates)
         if bounds is not None:

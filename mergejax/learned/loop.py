@@ -170,10 +170,11 @@ def summed_task_value_and_grad(apply_fn: ApplyFn,
     return total, grads
 
 
-def floating_split(params: PyTree) -> tuple[list[jax.Array], Callable[[Sequence[Any]], PyTree]]:
+def floating_split(params: PyTree) -> tuple[list[jax.Array], Callable[..., PyTree]]:
     """``(float_leaves, rebuild)``: the floating leaves of ``params`` (what a loss is
-    differentiated in) and ``rebuild(leaves)``, the tree with those leaves replaced and
-    the other leaves (step counters, integer buffers) kept.
+    differentiated in) and ``rebuild(leaves, other=None)``, the tree with those leaves
+    replaced and the other leaves (step counters, integer buffers) kept, or replaced by
+    ``other(leaf)`` (e.g. float0 zeros, to make a cotangent of ``params``).
 
     Example::
 
@@ -183,9 +184,11 @@ def floating_split(params: PyTree) -> tuple[list[jax.Array], Callable[[Sequence[
     leaves, treedef = jax.tree.flatten(params)
     floating = [is_float(x) for x in leaves]
 
-    def rebuild(float_leaves: Sequence[Any]) -> PyTree:
+    def rebuild(float_leaves: Sequence[Any],
+                other: Callable[[Any], Any] | None = None) -> PyTree:
         it = iter(float_leaves)
-        return treedef.unflatten([next(it) if f else x for x, f in zip(leaves, floating)])
+        return treedef.unflatten([next(it) if f else (x if other is None else other(x))
+                                  for x, f in zip(leaves, floating)])
 
     return [x for x, f in zip(leaves, floating) if f], rebuild
 
