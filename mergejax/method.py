@@ -75,11 +75,19 @@ class StatisticsPass(NamedTuple):
     leaves' order, with ``acc=None`` for the first leaf (so in-place accumulators, e.g.
     a histogram filled by scatter-adds, need no per-leaf buffer); ``finalize(ctx, acc)``
     turns the last accumulator into the pass's entry of ``ctx.stats``. ``ctx.path`` is
-    "" there and ``ctx.key`` None.
+    "" there and ``ctx.key`` None. ``active(**static_hparams)`` is False for a leaf whose
+    ``update`` would return the accumulator unchanged (a model-wide top-k pass under
+    ``scope="tensor"``): `run_statistics` then skips the leaf, so a streaming merge does
+    not read it from disk. None: every leaf counts.
     """
 
     update: Callable[..., Any]
     finalize: Callable[..., Any] = lambda ctx, acc: acc
+    active: Callable[..., bool] | None = None
+
+    def wants(self, static_hparams: dict[str, Any]) -> bool:
+        """Whether `update` needs a leaf with these static hyperparameters."""
+        return self.active is None or bool(self.active(**static_hparams))
 
 
 class LeafPlan(NamedTuple):
@@ -374,17 +382,18 @@ def leaf_inputs(path: str, static: tuple[tuple[str, Any], ...], base: Any,
             tuple(x.astype(cdt) for x in models), hp)
 
 
-def run_statistics(method: MergeMethod, leaves: Callable[[], Any],
+def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
                    total_size: int) -> tuple[Any, ...]:
-    """Runs ``method.statistics`` pass after pass; ``leaves()`` starts a new iteration over
-    ``(path, base, models, hparams, key)`` of every merged leaf (in memory, or read from
-    disk again for each pass by `mergejax.io.streaming`). Returns ``ctx.stats``."""
+    """Runs ``method.statistics`` pass after pass; ``leaves(statistics_pass)`` starts a new
+    iteration over ``(path, base, models, hparams, key)`` of the merged leaves that the
+    pass `wants` (in memory, or read from disk again for each pass by
+    `mergejax.io.streaming`; it may also give every leaf). Returns ``ctx.stats``."""
     stats: tuple[Any, ...] = ()
     for statistics_pass in method.statistics:
         if not isinstance(statistics_pass, StatisticsPass):
             statistics_pass = _summed(statistics_pass)
         acc = None
-        for path, base, xs, hp, key in leaves():
+        for path, base, xs, hp, key in leaves(statistics_pass):
             acc = statistics_pass.update(LeafContext(path, key, stats, total_size), acc, base,
                                          xs, **hp)
         stats = stats + (statistics_pass.finalize(LeafContext("", None, stats, total_size),
@@ -407,7 +416,7 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
               for j, (path, static) in enumerate(plan)]
     total_size = sum(xs[0].size for _, _, xs, _ in inputs)
     keys = _leaf_keys(key, [path for path, _, _, _ in inputs])
-    stats = run_statistics(method, lambda: (i + (k,) for i, k in zip(inputs, keys)),
+    stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
                            total_size)
 
     if method.batched:

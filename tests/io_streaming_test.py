@@ -134,6 +134,24 @@ def test_kernels_compile_once_per_shape_class(checkpoints):
     assert compiled <= 8
 
 
+@pytest.mark.parametrize("scope, passes", [("tensor", 0), ("global", 4)])
+def test_statistics_passes_read_only_the_leaves_they_need(checkpoints, monkeypatch, scope,
+                                                          passes):
+    """Per-tensor TIES has model-wide threshold passes that do nothing: streaming must not
+    read the checkpoints for them (each tensor read once, to merge); global TIES reads
+    every merged tensor once more per pass."""
+    reads: dict[str, int] = {}
+    original = streaming._Reader.read  # pylint: disable=protected-access
+
+    def counting(self, path):
+        reads[path] = reads.get(path, 0) + 1
+        return original(self, path)
+
+    monkeypatch.setattr(streaming._Reader, "read", counting)  # pylint: disable=protected-access
+    streamed("ties", checkpoints, scope=scope)
+    assert reads and set(reads.values()) == {1 + passes}
+
+
 def test_missing_tensor_and_shape_mismatch_are_named(tmp_path):
     dirs = write_models(tmp_path / "a", 2)
     extra = write_models(tmp_path / "b", 1, extra={"model.extra.weight": np.ones(3, np.float32)})

@@ -324,8 +324,10 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
 
     stats: tuple[Any, ...] = ()
     if method.statistics and not all(skip(t) for t in plan.tensors if t.leaf is not None):
-        def every_leaf():
+        def every_leaf(statistics_pass):
             for j, (path, static) in enumerate(leaves.static):
+                if not statistics_pass.wants(dict(static)):
+                    continue
                 b, xs = reader.read(path)
                 yield leaf_inputs(path, static, b, xs, leaf_args(j)) + (keyed(path),)
                 reader.release(path)

@@ -464,11 +464,16 @@ def _pcb_passes():
     def score_ranks(ctx, *, scope, density, **_):
         return _pcb_score_ranks(ctx.total_size, density) if scope == "global" else ()
 
+    def is_global(*, scope, **_):
+        return scope == "global"
+
     magnitudes = stages.global_threshold_passes(
-        lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models), clip_ranks)
+        lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models), clip_ranks,
+        is_global)
     scores = stages.global_threshold_passes(
         lambda ctx, base, models, *, clip, scope, **_: _pcb_scores(
-            ctx, base, models, clip=clip, scope=scope, negated=True)[1], score_ranks)
+            ctx, base, models, clip=clip, scope=scope, negated=True)[1], score_ranks,
+        is_global)
     return magnitudes + scores
 
 

@@ -179,7 +179,8 @@ def _doge_magnitudes(ctx: LeafContext, base: Array, models: tuple[Array, ...],
 
 
 _DOGE_STATS = (_count_matrices(),) + stages.global_threshold_passes(
-    _doge_magnitudes, lambda ctx, *, density, scope, **hp: _doge_ranks(ctx, density, scope))
+    _doge_magnitudes, lambda ctx, *, density, scope, **hp: _doge_ranks(ctx, density, scope),
+    lambda *, scope, **hp: scope == "global")
 
 
 def _is_int(value: Any) -> bool:

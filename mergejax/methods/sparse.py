@@ -106,8 +106,13 @@ def _settings(fixed: dict, hparams: dict) -> dict:
             **{k: v for k, v in hparams.items() if k in _STAGE_DEFAULTS}}
 
 
+def _is_global(settings: dict) -> bool:
+    """Whether these settings select a model-wide threshold."""
+    return settings["scope"] == "global" and settings["sparsify"] in ("magnitude", "outliers")
+
+
 def _global_ranks(ctx: LeafContext, settings: dict) -> tuple[int, ...]:
-    if settings["scope"] != "global":
+    if not _is_global(settings):
         return ()
     return _ranks(ctx.total_size, sparsify=settings["sparsify"], density=settings["density"],
                   gamma=settings["gamma"], topk=settings["topk"])
@@ -123,7 +128,8 @@ def _statistics(settings_fn):
     ``settings_fn(hparams)`` (the passes do nothing for tensor scope)."""
     return stages.global_threshold_passes(
         lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models),
-        lambda ctx, **hp: _global_ranks(ctx, settings_fn(hp)))
+        lambda ctx, **hp: _global_ranks(ctx, settings_fn(hp)),
+        lambda **hp: _is_global(settings_fn(hp)))
 
 
 def _validator(settings_fn):

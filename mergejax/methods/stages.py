@@ -471,7 +471,7 @@ def _flush(acc, add) -> Array:
     return add(hist, lambda: joined)
 
 
-def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
+def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[StatisticsPass, ...]:
     """The statistics passes of a model-wide `select_thresholds`, for `leafwise`.
 
     ``values_fn(ctx, base, models, **hparams)`` gives a leaf's K arrays to rank (e.g.
@@ -479,7 +479,9 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
     ``base - x``, not ``x - base``, so that XLA does not share it with the merge's
     ``x - base`` and keep it alive for every leaf: measured, 7 models' worth);
     ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
-    counted over the whole model (``ctx.total_size`` entries per task), or () to skip.
+    counted over the whole model (``ctx.total_size`` entries per task), or () to skip;
+    ``active(**static_hparams)`` False for leaves where ``ranks_fn`` gives () whatever the
+    model's size (`StatisticsPass.active`: streaming merges then do not read them).
     Four passes: the sample, the window, and the two exact radix passes of the fallback,
     which skip their work (`lax.cond`) unless the window missed. `global_thresholds`
     reads the ``(R, K)`` thresholds from them. Histogram counts are int32, so a model
@@ -522,7 +524,7 @@ def global_threshold_passes(values_fn, ranks_fn) -> tuple[StatisticsPass, ...]:
             ranks, add, state = acc
             return finalize(ctx, ranks, _flush(state, add))
 
-        return StatisticsPass(update, done)
+        return StatisticsPass(update, done, active)
 
     def sample_add(ctx, ranks):
         return lambda h, v: _histograms(h, v(), _high_bins, _BINS)
