@@ -19,6 +19,7 @@ given, so a rerun writes the same bytes.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import jax
@@ -51,6 +52,26 @@ def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
                          devices=devices[:n])
 
 
+def reuse_freed_memory() -> bool:
+    """Asks glibc's malloc to serve large blocks from one kept heap.
+
+    By default blocks over 32 MB (adaptively, smaller ones too) are fresh ``mmap``s,
+    unmapped on free, and a thread's own arena maps its large blocks likewise, so every
+    tensor loaded and every merge output pays a page fault per 4 KiB. Merging a tensor at
+    a time frees and reallocates the same sizes, which a kept heap serves without faults
+    (measured on a 0.5B bf16 linear merge of 4 models: loading 3.4 -> 2.3 s, the whole run
+    9.6 -> 8.2 s). The process keeps its peak memory until it exits. Returns False
+    where malloc is not glibc's (nothing changes then).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc's
+    except (AttributeError, OSError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 40)
+                and mallopt(m_arena_max, 1))
+
+
 def run(config_path: str, out: str, *, overwrite: bool = False, seed: int | None = None,
         mesh: str | None = None, progress: bool = True) -> dict:
     """Runs the merge described by the config file at ``config_path`` into ``out``."""
@@ -73,6 +94,7 @@ def run(config_path: str, out: str, *, overwrite: bool = False, seed: int | None
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    reuse_freed_memory()
     try:
         summary = run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value,
                       seed=_SEED.value, mesh=_MESH.value, progress=_PROGRESS.value)

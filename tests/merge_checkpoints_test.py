@@ -204,3 +204,10 @@ def test_binary_reports_errors_without_a_traceback(workdir, tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reuse_freed_memory_configures_glibc_malloc():
+    """The binary keeps freed memory in one heap (see `binary.reuse_freed_memory`); on a
+    glibc Linux every mallopt call is accepted."""
+    assert binary.reuse_freed_memory() is True

@@ -247,6 +247,10 @@ class _Reader:
             models.append(self._put(x))
         return base, tuple(models)
 
+    def load(self, path: str) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
+        """`read`, waiting until the arrays are on the device (for a prefetching thread)."""
+        return jax.block_until_ready(self.read(path))
+
     def release(self, path: str) -> None:
         for ckpt in ([self._base] if self._base is not None else []) + self._models:
             ckpt.release(path)
@@ -335,26 +339,35 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
         stats = run_statistics(method, every_leaf, plan.total_size)
     stats_arrays, stats_static = _split_stats(stats)
 
-    for tensor in plan.tensors:
-        if skip(tensor):
-            continue
-        if tensor.leaf is None:
-            reference = base if base is not None else models[0]
-            yield tensor, reference.read(tensor.path)
-            reference.release(tensor.path)
-            continue
-        j = tensor.leaf
-        b, xs = reader.read(tensor.path)
-        out, peak = _merge_leaf(
-            b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
-            path=_path_class(tensor.path), static=leaves.static[j][1],
-            out_dtype=leaves.out_dtypes[j], total_size=plan.total_size,
-            stats_static=stats_static, check_finite=check_finite)
-        values = np.asarray(out)
-        if check_finite and not np.isfinite(np.asarray(peak)):
-            raise_not_finite(method.name, tensor.name, b, xs)
-        reader.release(tensor.path)
-        yield tensor, values
+    todo = [t for t in plan.tensors if not skip(t)]
+    to_merge = iter([t for t in todo if t.leaf is not None])
+    with futures.ThreadPoolExecutor(1) as pool:
+        # The next merged tensor is read (page faults, copy to the device) while this one
+        # merges and the caller writes the previous one.
+        def load_next() -> futures.Future | None:
+            following = next(to_merge, None)
+            return pool.submit(reader.load, following.path) if following else None
+
+        pending = load_next()
+        for tensor in todo:
+            if tensor.leaf is None:
+                reference = base if base is not None else models[0]
+                yield tensor, reference.read(tensor.path)
+                reference.release(tensor.path)
+                continue
+            j = tensor.leaf
+            b, xs = pending.result()
+            pending = load_next()
+            out, peak = _merge_leaf(
+                b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
+                path=_path_class(tensor.path), static=leaves.static[j][1],
+                out_dtype=leaves.out_dtypes[j], total_size=plan.total_size,
+                stats_static=stats_static, check_finite=check_finite)
+            values = np.asarray(out)
+            if check_finite and not np.isfinite(np.asarray(peak)):
+                raise_not_finite(method.name, tensor.name, b, xs)
+            reader.release(tensor.path)
+            yield tensor, values
 
 
 class _Progress:
