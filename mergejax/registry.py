@@ -9,6 +9,7 @@ Scripts, configs and the checkpoint binary all reach methods through here::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -32,6 +33,22 @@ class Method(Protocol):
 
 
 _REGISTRY: dict[str, Method] = {}
+
+#: Modules that register built-in methods besides the families of `mergejax.methods`.
+_OTHER_BUILTINS = ("mergejax.lora", "mergejax.learned.coefficients",
+                   "mergejax.learned.representation_surgery", "mergejax.learned.routing",
+                   "mergejax.align.matching", "mergejax.align.zipping")
+
+
+def _load_builtins(until: str | None = None) -> None:
+    """Imports the modules that register the built-in methods, cheapest first, until
+    ``until`` is registered (all of them for None): a lookup of ``linear`` needs neither
+    Flax nor Orbax."""
+    from mergejax.methods import FAMILIES  # pylint: disable=import-outside-toplevel
+    for module in [f"mergejax.methods.{f}" for f in FAMILIES] + list(_OTHER_BUILTINS):
+        if until is not None and until in _REGISTRY:
+            return
+        importlib.import_module(module)
 
 #: The default of a hyperparameter without one: the caller must give it.
 REQUIRED = inspect.Parameter.empty
@@ -97,11 +114,14 @@ def register(method: Method) -> Method:
 
 def list_methods() -> list[str]:
     """The sorted canonical names of every registered method."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
     """The method registered as ``name``; an unknown name lists the valid ones."""
+    if name not in _REGISTRY:
+        _load_builtins(until=name)
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -10,6 +10,7 @@ Example::
                          density=0.2, weights=[1.0, 1.0])
 """
 
+from mergejax._lazy import lazy_exports
 from mergejax.io.checkpoint import (
     CheckpointError,
     LazyCheckpoint,
@@ -19,7 +20,6 @@ from mergejax.io.checkpoint import (
     unflatten_paths,
 )
 from mergejax.io.mergekit import MERGEKIT_METHODS, MergeConfig, load_config, parse_config
-from mergejax.io.orbax import OrbaxCheckpoint, restore_params, save_params
 from mergejax.io.safetensors import (
     SafetensorsCheckpoint,
     ShardLayout,
@@ -36,6 +36,10 @@ from mergejax.io.streaming import (
     merge_checkpoints,
     plan_stream,
 )
+
+# Orbax takes ~0.4 s to import: its readers and writers load on first use.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    name: "mergejax.io.orbax" for name in ("OrbaxCheckpoint", "restore_params", "save_params")})
 
 __all__ = [
     "CheckpointError",
