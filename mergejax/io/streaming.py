@@ -19,6 +19,7 @@ when complete) and resumes an interrupted run shard by shard.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -67,6 +68,9 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json",
 #: under ``vocab_policy="base"``).
 VOCAB_TENSORS = re.compile(r"(embed|lm_head|wte|word_embeddings|(^|/)output/)")
 _PROGRESS_FILE = "mergejax-progress.json"
+#: Tensors read ahead of the merge, and merged tensors waiting to be written: memory holds
+#: about 2 * _AHEAD + 1 tensors' inputs and outputs.
+_AHEAD = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,13 +346,13 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     todo = [t for t in plan.tensors if not skip(t)]
     to_merge = iter([t for t in todo if t.leaf is not None])
     with futures.ThreadPoolExecutor(1) as pool:
-        # The next merged tensor is read (page faults, copy to the device) while this one
-        # merges and the caller writes the previous one.
+        # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
+        # this one merges (or compiles) and the caller writes the previous ones.
         def load_next() -> futures.Future | None:
             following = next(to_merge, None)
             return pool.submit(reader.load, following.path) if following else None
 
-        pending = load_next()
+        loads = collections.deque(f for f in (load_next() for _ in range(_AHEAD)) if f)
         for tensor in todo:
             if tensor.leaf is None:
                 reference = base if base is not None else models[0]
@@ -356,8 +360,10 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                 reference.release(tensor.path)
                 continue
             j = tensor.leaf
-            b, xs = pending.result()
-            pending = load_next()
+            b, xs = loads.popleft().result()
+            following = load_next()
+            if following is not None:
+                loads.append(following)
             out, peak = _merge_leaf(
                 b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
                 path=_path_class(tensor.path), static=leaves.static[j][1],
@@ -525,8 +531,9 @@ def _layout(layouts: Sequence[st.ShardLayout], file: str) -> st.ShardLayout:
 def _write_shards(plan: StreamPlan, base, models, work: str,
                   layouts: Sequence[st.ShardLayout], done: set[str], *, key, mesh,
                   progress: bool) -> dict[str, Any]:
-    """Merges and writes every shard not in ``done``; a writer thread writes tensor i
-    while tensor i + 1 is merged, and a shard is recorded done once closed (fsynced)."""
+    """Merges and writes every shard not in ``done``; a writer thread writes merged
+    tensors (up to `_AHEAD` queued) while the next ones are read and merged, and a shard
+    is recorded done once closed (fsynced)."""
     shard_of = {name: layout.file for layout in layouts for name, *_ in layout.tensors}
     names = {t.path: _stored_name(t) for t in plan.tensors}
     todo = [t for t in plan.tensors if shard_of[names[t.path]] not in done]
@@ -550,13 +557,13 @@ def _write_shards(plan: StreamPlan, base, models, work: str,
 
     reused = set(done)
     with futures.ThreadPoolExecutor(1) as pool:
-        pending: futures.Future | None = None
+        writes: collections.deque[futures.Future] = collections.deque()
         for tensor, values in iter_merged(
                 plan, base, models, key=key, mesh=mesh,
                 skip=lambda t: shard_of[names[t.path]] in reused):
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(write, tensor, values)
-        if pending is not None:
+            if len(writes) == _AHEAD:
+                writes.popleft().result()
+            writes.append(pool.submit(write, tensor, values))
+        for pending in writes:
             pending.result()
     return {"tensors": len(todo), "bytes": bar.done, "reused_shards": sorted(reused)}
