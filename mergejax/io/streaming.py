@@ -5,8 +5,9 @@ than memory here. Its hyperparameters are resolved for every tensor before anyth
 (`MergeMethod.plan`), then each tensor is read lazily from every input (a memory-mapped
 view), merged by the method's leaf kernel in a compiled function cached by shape, dtype and
 static hyperparameters (the 26 ``q_proj`` of a Llama share one), written to its output shard
-and released, so memory holds a few tensors, not the model. A method with statistics
-passes (model-wide norms, a global top-k threshold) reads every tensor once more per pass
+and released, so memory holds a few tensors, not the model. A loader thread reads ahead
+and a writer thread writes behind the merge. A method with statistics passes (model-wide
+norms, a global top-k threshold) reads every tensor a pass `wants` once more per pass
 before merging (`mergejax.method.run_statistics`, the in-memory engine's own code).
 
 The result is the in-memory merge's, bit for bit, random methods included: leaf keys
@@ -23,6 +24,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -344,15 +346,11 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     stats_arrays, stats_static = _split_stats(stats)
 
     todo = [t for t in plan.tensors if not skip(t)]
-    to_merge = iter([t for t in todo if t.leaf is not None])
     with futures.ThreadPoolExecutor(1) as pool:
         # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
         # this one merges (or compiles) and the caller writes the previous ones.
-        def load_next() -> futures.Future | None:
-            following = next(to_merge, None)
-            return pool.submit(reader.load, following.path) if following else None
-
-        loads = collections.deque(f for f in (load_next() for _ in range(_AHEAD)) if f)
+        submitted = (pool.submit(reader.load, t.path) for t in todo if t.leaf is not None)
+        loads = collections.deque(itertools.islice(submitted, _AHEAD))
         for tensor in todo:
             if tensor.leaf is None:
                 reference = base if base is not None else models[0]
@@ -361,9 +359,7 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                 continue
             j = tensor.leaf
             b, xs = loads.popleft().result()
-            following = load_next()
-            if following is not None:
-                loads.append(following)
+            loads.extend(itertools.islice(submitted, 1))
             out, peak = _merge_leaf(
                 b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
                 path=_path_class(tensor.path), static=leaves.static[j][1],
