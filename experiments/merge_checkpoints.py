@@ -11,6 +11,10 @@ Hugging Face safetensors directories (sharded or not) or orbax checkpoints; the 
 safetensors directory in Hugging Face's layout, with ``config.json`` and the tokenizer files
 copied from the tokenizer source (the base model unless the config says otherwise).
 
+Compiled kernels go to JAX's persistent compilation cache: a temporary directory for the
+run by default (tensors whose kernels differ only by name compile once), or
+``--compilation_cache=DIR`` to keep them for later runs.
+
 Memory holds a few tensors, not the model; a killed run leaves ``OUT.partial`` (never a
 complete-looking ``OUT``) and rerunning the same command resumes it. Random methods use
 the config's seed (mergekit's ``--random-seed``, here ``--random_seed``), 0 if none is
@@ -19,8 +23,10 @@ given, so a rerun writes the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+import tempfile
 
 import jax
 from absl import app, flags
@@ -38,6 +44,10 @@ _SEED = flags.DEFINE_integer("random_seed", None,
 _MESH = flags.DEFINE_string(
     "mesh", None, "Shard each tensor over devices: 'auto' (all devices) or a device count.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Print a progress line.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache, kept across runs (a rerun compiles "
+    "nothing). Default: a temporary one for this run, or JAX_COMPILATION_CACHE_DIR if set.")
 
 
 def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
@@ -72,6 +82,17 @@ def reuse_freed_memory() -> bool:
                 and mallopt(m_arena_max, 1))
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Caches every compiled kernel in ``directory`` (JAX's persistent cache, no minimum
+    compile time or size). Within one run this also compiles once the kernels of tensors
+    that differ only by name (``q_proj`` and ``k_proj`` of the same shape; the streaming
+    kernels are cached by path class): 24 compilations -> 10 for a Llama's TIES, whose
+    per-tensor top-k kernels take ~0.5 s each to compile (S-scale ties 28.2 -> 23.8 s)."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run(config_path: str, out: str, *, overwrite: bool = False, seed: int | None = None,
         mesh: str | None = None, progress: bool = True) -> dict:
     """Runs the merge described by the config file at ``config_path`` into ``out``."""
@@ -95,11 +116,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     reuse_freed_memory()
-    try:
-        summary = run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value,
-                      seed=_SEED.value, mesh=_MESH.value, progress=_PROGRESS.value)
-    except MergeError as e:
-        sys.exit(f"error: {e}")
+    with contextlib.ExitStack() as stack:
+        cache = _CACHE.value or jax.config.jax_compilation_cache_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="mergejax-xla-"))
+        use_compilation_cache(cache)
+        try:
+            summary = run(_CONFIG.value, _OUT.value, overwrite=_OVERWRITE.value,
+                          seed=_SEED.value, mesh=_MESH.value, progress=_PROGRESS.value)
+        except MergeError as e:
+            sys.exit(f"error: {e}")
     print(f"wrote {summary['out']}: {summary['tensors']} tensors, "
           f"{summary['bytes'] / 2**30:.2f} GiB in {len(summary['shards'])} shard(s) "
           f"({len(summary['reused_shards'])} reused from an interrupted run), "

@@ -211,3 +211,17 @@ def test_reuse_freed_memory_configures_glibc_malloc():
     """The binary keeps freed memory in one heap (see `binary.reuse_freed_memory`); on a
     glibc Linux every mallopt call is accepted."""
     assert binary.reuse_freed_memory() is True
+
+
+def test_compilation_cache_is_filled_and_keeps_the_bytes(workdir, tmp_path):
+    root, _ = workdir
+    config = _native(root, "cached")
+    binary.run(config, str(tmp_path / "reference"), progress=False)
+    cache = tmp_path / "xla"
+    proc = subprocess.run([sys.executable, "-m", "experiments.merge_checkpoints",
+                           f"--config={config}", f"--out={tmp_path / 'cached'}",
+                           f"--compilation_cache={cache}", "--noprogress"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cache.is_dir() and any(cache.iterdir())
+    assert _files(tmp_path / "cached") == _files(tmp_path / "reference")
