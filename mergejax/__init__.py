@@ -62,6 +62,7 @@ _EXPORTS = {
     "lora_combine": "mergejax.lora",
     "lora_concat": "mergejax.lora",
     "lora_delta": "mergejax.lora",
+    "lora_from_delta": "mergejax.lora",
     "lora_merge": "mergejax.lora",
     "lora_svd": "mergejax.lora",
     "lorahub": "mergejax.lora",

@@ -321,9 +321,11 @@ def _weights(weights: Any, k: int, what: str) -> Array:
         w = jnp.asarray(weights, jnp.result_type(float))
     except (TypeError, ValueError) as e:
         raise MergeError(f"{what}: weights must be numbers, got {weights!r}") from e
+    if w.shape == ():
+        return jnp.full(k, w)
     if w.shape != (k,):
         raise MergeError(f"{what}: got weights of shape {w.shape} for {k} adapters; give "
-                         "one per adapter")
+                         "one per adapter, or one number for all")
     return w
 
 
@@ -417,10 +419,12 @@ def _refactor_all(dense: list[Array], *, ranks: tuple[int | None, ...], split: s
     return out
 
 
-def _factor_output(pairs: list[Any], leaves: _Leaves) -> PyTree:
+def _factor_output(pairs: list[Any], treedef: Any) -> PyTree:
+    """The adapter of ``pairs``: ``(a, b)`` tuples as `LoraFactors` (scaling 1), the rest
+    as they are."""
     out = [LoraFactors(a=p[0], b=p[1], scaling=1.0) if isinstance(p, tuple) else p
            for p in pairs]
-    return leaves.treedef.unflatten(out)
+    return treedef.unflatten(out)
 
 
 def _check_split_clamp(factors: str, clamp: Any) -> None:
@@ -448,6 +452,31 @@ def lora_delta(adapter: PyTree, *, layout: str = "in_out") -> PyTree:
     matrices.check_layout(layout)
     leaves = _flatten([adapter], "lora_delta")
     return leaves.treedef.unflatten(_deltas([c[0] for c in leaves.columns], layout=layout))
+
+
+def lora_from_delta(delta: PyTree, rank: int, *, factors: str = "peft") -> PyTree:
+    """A rank-``rank`` adapter approximating a dense update (mergekit's ``extract-lora``):
+    every 2-D matrix leaf (``matrix_split="auto"``'s rule: not ``bias``/``scale``)
+    becomes `LoraFactors` of its truncated SVD (``factors`` as in `lora_svd`, scaling 1;
+    the rank is capped at ``min(in, out)``, where the factors are exact); every other
+    leaf stays as it is (a dense delta, added as one).
+
+    Example::
+
+        task_vector = mergejax.task_vector(base, fine_tuned)
+        adapter = lora_from_delta(task_vector, rank=16)
+        approx = mergejax.tree_add(base, lora_delta(adapter))
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MergeError(f"lora_from_delta's rank must be a positive int, got {rank!r}")
+    _check_split_clamp(factors, None)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(delta)
+    ranks = tuple(
+        min(rank, *x.shape) if is_float(x) and x.ndim == 2
+        and matrices.matrix_split(path_str(p), x.shape, "auto") is not None else None
+        for p, x in flat)
+    pairs = _refactor_all([x for _, x in flat], ranks=ranks, split=factors, clamp=None)
+    return _factor_output(pairs, treedef)
 
 
 def lora_merge(adapters: Sequence[PyTree], method: str = "task_arithmetic", *,
@@ -492,7 +521,7 @@ def lora_merge(adapters: Sequence[PyTree], method: str = "task_arithmetic", *,
     dense = [_to_layout(x, layout) if r is not None else x
              for x, r in zip(leaves.treedef.flatten_up_to(merged), ranks)]
     return _factor_output(
-        _refactor_all(dense, ranks=tuple(ranks), split=factors, clamp=clamp), leaves)
+        _refactor_all(dense, ranks=tuple(ranks), split=factors, clamp=clamp), leaves.treedef)
 
 
 def _dense_column(column: list[Any], weights: Array) -> Any:
@@ -537,7 +566,7 @@ def lora_concat(adapters: Sequence[PyTree], weights: Any = None) -> PyTree:
     """
     leaves = _flatten(adapters, "lora_concat")
     w = _weights(weights, len(adapters), "lora_concat")
-    return _factor_output(_concat_all(leaves.columns, w), leaves)
+    return _factor_output(_concat_all(leaves.columns, w), leaves.treedef)
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "split", "clamp"))
@@ -581,7 +610,7 @@ def lora_svd(adapters: Sequence[PyTree], weights: Any = None, rank: Any = "max",
     w = _weights(weights, len(adapters), "lora_svd")
     ranks = tuple(_resolve_ranks(rank, leaves, "lora_svd"))
     return _factor_output(_svd_all(leaves.columns, w, ranks=ranks, split=factors,
-                                   clamp=clamp), leaves)
+                                   clamp=clamp), leaves.treedef)
 
 
 @jax.jit
@@ -633,7 +662,7 @@ def lora_combine(adapters: Sequence[PyTree], weights: Any) -> PyTree:
     leaves = _flatten(adapters, "lora_combine")
     _check_combinable(leaves, "lora_combine")
     w = _weights(weights, len(adapters), "lora_combine")
-    return _factor_output(_combine_all(leaves.columns, w), leaves)
+    return _factor_output(_combine_all(leaves.columns, w), leaves.treedef)
 
 
 # --------------------------------------------------------------------------- LoraHub
@@ -695,7 +724,7 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], Any], *, key
     generations = -(-steps // strategy.popsize)
 
     def objective(w: Array, columns: list[list[Any]]) -> Array:
-        adapter = _factor_output(_combine_all(columns, w), leaves)
+        adapter = _factor_output(_combine_all(columns, w), leaves.treedef)
         return jnp.asarray(loss_fn(adapter)).reshape(()) + l1 * jnp.mean(jnp.abs(w))
 
     if vectorized:
@@ -710,9 +739,9 @@ def lorahub(adapters: Sequence[PyTree], loss_fn: Callable[[PyTree], Any], *, key
     state, history = search.ask_tell_loop(
         strategy, state, jax.random.split(key, generations), evaluate)
     weights = state.best_x
-    return LoraHubResult(weights=weights,
-                         adapter=_factor_output(_combine_all(leaves.columns, weights), leaves),
-                         loss=state.best_fitness, losses=history.reshape(-1))
+    adapter = _factor_output(_combine_all(leaves.columns, weights), leaves.treedef)
+    return LoraHubResult(weights=weights, adapter=adapter, loss=state.best_fitness,
+                         losses=history.reshape(-1))
 
 
 # --------------------------------------------------------------------------- registry

@@ -552,3 +552,40 @@ def good(n_in=6, n_out=5, r=2, lead=()):
 def test_bad_input(call, match):
     with pytest.raises(MergeError, match=match):
         call()
+
+
+def test_lora_from_delta_is_the_truncated_svd_of_each_kernel():
+    rng = np.random.default_rng(5)
+    delta = {"dense": {"kernel": rng.normal(size=(12, 7)).astype(np.float32),
+                       "bias": rng.normal(size=(7,)).astype(np.float32)},
+             "attn": {"bias": rng.normal(size=(3, 4)).astype(np.float32)},
+             "conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+             "steps": np.int32(3)}
+    adapter = lora.lora_from_delta(delta, rank=3)
+    f = adapter["dense"]["kernel"]
+    assert isinstance(f, LoraFactors) and f.a.shape == (12, 3) and f.b.shape == (3, 7)
+    u, s, vt = np.linalg.svd(delta["dense"]["kernel"].astype(np.float64), full_matrices=False)
+    best = (u[:, :3] * s[:3]) @ vt[:3]  # Eckart-Young: the best rank-3 approximation
+    np.testing.assert_allclose(np.asarray(lora.lora_delta(adapter)["dense"]["kernel"]), best,
+                               rtol=1e-4, atol=1e-5)
+    for path in (("dense", "bias"), ("attn", "bias"), ("conv", "kernel")):  # stay dense
+        np.testing.assert_array_equal(adapter[path[0]][path[1]], delta[path[0]][path[1]])
+    assert adapter["steps"] == 3
+    full = lora.lora_from_delta(delta, rank=100)  # capped at min(in, out): exact
+    assert full["dense"]["kernel"].a.shape == (12, 7)
+    np.testing.assert_allclose(np.asarray(lora.lora_delta(full)["dense"]["kernel"]),
+                               delta["dense"]["kernel"], rtol=1e-4, atol=1e-5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(MergeError, match="rank"):
+            lora.lora_from_delta(delta, rank=bad)
+
+
+def test_one_number_weights_every_adapter():
+    _, _, adapters = setup(11)
+    for fn in (lora.lora_concat, lora.lora_svd):
+        same = fn(adapters, weights=0.3)
+        listed = fn(adapters, weights=[0.3, 0.3])
+        for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(listed)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(MergeError, match="one per adapter"):
+        lora.lora_svd(adapters, weights=[0.3, 0.3, 0.3])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from mergejax import lora
 from mergejax.suite import benchmark as benchmark_lib
 from mergejax.suite import datasets, protocol
 from mergejax.suite import model as model_lib
@@ -174,6 +175,24 @@ def test_run_method_rows(tiny_suite):
     assert skipped.note == "skipped: takes at most 1 models"
     pre = benchmark_lib.run_method(suite, "task_arithmetic", {"scale": 0.0})
     assert pre.accuracy == suite.accuracies(suite.pretrained)
+
+
+def test_lora_methods_merge_low_rank_views_of_the_experts(tiny_suite):
+    suite, _ = tiny_suite
+    adapters = benchmark_lib.lora_experts(suite, rank=2)
+    for adapter in adapters:
+        assert any(isinstance(x, lora.LoraFactors) for x in jax.tree.leaves(
+            adapter, is_leaf=lambda x: isinstance(x, lora.LoraFactors)))
+        assert jax.tree.structure(suite.pretrained) == jax.tree.structure(
+            lora.lora_delta(adapter))
+    # lora_linear at scale s is task arithmetic on the adapters' updates.
+    row = benchmark_lib.run_method(suite, "lora_linear", {"scale": 0.3})
+    updates = [lora.lora_delta(a) for a in benchmark_lib.lora_experts(suite)]
+    expected = jax.tree.map(lambda b, *d: b + 0.3 * sum(d), suite.pretrained, *updates)
+    assert row.accuracy == pytest.approx(suite.accuracies(expected), abs=1e-9)
+    assert row.note.startswith("merges rank-")
+    hub = benchmark_lib.run_method(suite, "lorahub", {"steps": 2})
+    assert 0.0 <= hub.average <= 1.0 and not hub.note.startswith("skipped")
 
 
 def test_learned_methods_get_suite_data_and_predict_results_are_evaluated(tiny_suite):

@@ -35,6 +35,10 @@ PAPER_HPARAMS = {
     "awd": {"scale": 0.3},  # task arithmetic on the disentangled vectors
     "doge": {"scale": 0.07},  # FusionBench doge_ta.yaml: lambda_i = scale / ||tau_i||
     "knots": {"merge": "ties", "density": 0.2, "scale": 0.6},  # official KnOTS-TIES config
+    # LoRA adapters of the experts (suite.benchmark.lora_experts): task arithmetic's 0.3.
+    "lora_linear": {"scale": 0.3},
+    "lora_concat": {"weights": 0.3},
+    "lora_svd": {"weights": 0.3},
     "opcm": {"alpha": 0.5},  # FusionBench OPCMForCLIP
     # Learned: the functions' defaults are the papers' (AdaMerging: layer-wise, init 0.3,
     # Adam 1e-3, 500 steps on 16 unlabeled test inputs per task per step).

@@ -28,15 +28,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mergejax import registry, statistics
+from mergejax import lora, registry, statistics
 from mergejax.method import REQUIRED
 from mergejax.suite import model as model_lib
 from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
-from mergejax.tree import MergeError
+from mergejax.tree import MergeError, PyTree, task_vector
 
 __all__ = ["backbones", "reference_rows", "run_method", "run_methods", "suite_inputs",
            "task_accuracies", "validation_score"]
@@ -110,6 +111,45 @@ STATISTICS_BATCHES = 16
 VALIDATION_BATCHES = ("regmean_pp", "twin_merging")
 
 
+#: Rank of the LoRA adapters the ``lora`` family merges (`lora_experts`).
+LORA_RANK = 16
+#: Validation examples per task in LoraHub's loss (its paper uses a few examples).
+LORAHUB_EXAMPLES = 64
+
+
+def lora_experts(suite: Suite, rank: int = LORA_RANK) -> list[PyTree]:
+    """Each expert's task vector as a rank-``rank`` LoRA adapter on its 2-D kernels
+    (`mergejax.lora.lora_from_delta`; other leaves stay dense): what the ``lora`` family
+    merges. The suite's experts are full fine-tunes, so these are low-rank views of them,
+    not adapters trained as such."""
+    return [lora.lora_from_delta(task_vector(suite.pretrained, e), rank)
+            for e in suite.experts]
+
+
+def _adapted(suite: Suite, adapter: PyTree) -> PyTree:
+    """The backbone plus an adapter's dense update."""
+    return jax.tree.map(lambda b, d: b + d.astype(b.dtype), suite.pretrained,
+                        lora.lora_delta(adapter))
+
+
+def _lorahub_loss(suite: Suite) -> Callable[[PyTree], float]:
+    """LoraHub's loss: mean cross-entropy, over tasks, of the adapted backbone on the first
+    `LORAHUB_EXAMPLES` validation examples of each task."""
+    data = [suite.data[t]["validation"] for t in suite.tasks]
+
+    def loss(adapter: PyTree) -> float:
+        params = _adapted(suite, adapter)
+        total = 0.0
+        for t, d in zip(suite.tasks, data):
+            images, labels = d.images[:LORAHUB_EXAMPLES], d.labels[:LORAHUB_EXAMPLES]
+            logp = jax.nn.log_softmax(model_lib.logits(suite.embed(params, images),
+                                                       suite.heads[t]))
+            total += float(-jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1)))
+        return total / len(data)
+
+    return loss
+
+
 def suite_inputs(suite: Suite, batch_size: int = 16, batch_split: str = "test"
                  ) -> dict[str, Callable[[], Any]]:
     """What the suite can give a method that learns from data, by hyperparameter name (each
@@ -142,6 +182,7 @@ def suite_inputs(suite: Suite, batch_size: int = 16, batch_split: str = "test"
     return {"apply_fn": lambda: apply_fn, "heads": heads,
             "batches": batches(batch_split, labeled=False), "labeled_batches": labeled,
             "evaluate": lambda: score, "fitness": lambda: score,
+            "loss_fn": lambda: _lorahub_loss(suite),
             "fishers": lambda: statistics.task_fishers(
                 apply_fn, suite.experts, labeled(), heads=heads(),
                 num_batches=STATISTICS_BATCHES),
@@ -159,8 +200,6 @@ def reference_rows(suite: Suite) -> list[Row]:
 
 
 def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
-    if getattr(method, "family", None) == "lora":
-        return "merges LoRA adapters; the suite's experts are full fine-tunes"
     if getattr(method, "family", None) == "alignment":
         return ("aligns models trained from different initialisations; the suite's experts "
                 "share one (see experiments.rebasin)")
@@ -175,14 +214,21 @@ def _skip_reason(method, k: int, supplied: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _merge(method, suite: Suite, hparams: Mapping[str, Any]):
+def _merge(method, suite: Suite, hparams: Mapping[str, Any],
+           adapters: Sequence[PyTree] | None):
+    """The method's result on the suite's experts, or on their LoRA ``adapters`` (then
+    the backbone plus the merged adapter's update)."""
     if getattr(method, "uses_key", False) is True and "key" not in hparams:
         hparams = {**hparams, "key": jax.random.key(0)}
-    merged = method(suite.pretrained, suite.experts, **hparams)
-    return jax.block_until_ready(merged)
+    if adapters is None:
+        return jax.block_until_ready(method(suite.pretrained, suite.experts, **hparams))
+    merged = method(None, adapters, **hparams)
+    return jax.block_until_ready(_adapted(suite, getattr(merged, "adapter", merged)))
 
 
 def _note(method, merged: Any) -> str:
+    if getattr(method, "family", None) == lora.FAMILY:
+        return f"merges rank-{LORA_RANK} LoRA views of the experts"
     if hasattr(merged, "task_models") or hasattr(merged, "predict"):
         return f"keeps {getattr(method, 'keeps', None) or 'per-task state'}"
     if _is_model_list(merged):
@@ -205,26 +251,30 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     for hparam, make in inputs.items():
         if hparam in method.hparams and hparam not in hparams:
             hparams[hparam] = make()
+    if method.hparams.get("key", None) is REQUIRED and "key" not in hparams:
+        hparams["key"] = jax.random.key(suite.config.seed)
     reason = _skip_reason(method, len(suite.experts), hparams)
     if reason:
         nan = float("nan")
         return Row(name, {t: nan for t in suite.tasks}, average=nan, normalized=nan,
                    note=f"skipped: {reason}")
+    adapters = lora_experts(suite) if getattr(method, "family", None) == lora.FAMILY else None
     for hparam, grid in (search or {}).items():
         if hparam not in method.hparams:
             continue
         score = validation_score(suite)
-        scores = {v: score(_merge(method, suite, {**hparams, hparam: v})) for v in grid}
+        scores = {v: score(_merge(method, suite, {**hparams, hparam: v}, adapters))
+                  for v in grid}
         hparams[hparam] = max(scores, key=scores.get)
         logging.info("%s: %s=%s on validation (%s)", name, hparam, hparams[hparam],
                      {k: round(v, 4) for k, v in scores.items()})
-    learned = isinstance(method, registry.FunctionMethod)
+    learned = isinstance(method, registry.FunctionMethod) or "loss_fn" in method.hparams
     if not learned:
-        _merge(method, suite, hparams)  # compiles; the table reports the compiled call
+        _merge(method, suite, hparams, adapters)  # compiles; the table reports the compiled call
     start = time.perf_counter()
-    merged = _merge(method, suite, hparams)
+    merged = _merge(method, suite, hparams, adapters)
     seconds = time.perf_counter() - start
-    shown = {k: v for k, v in hparams.items() if k not in inputs}
+    shown = {k: v for k, v in hparams.items() if k not in inputs and k != "key"}
     return Row(name, task_accuracies(suite, merged), seconds=seconds, hparams=shown,
                note=_note(method, merged)).finish(suite.expert_accuracies)
 
