@@ -4,13 +4,16 @@ Each method merges the experts' backbones (``method(pretrained, experts, **hpara
 every task is evaluated with its own frozen head. A method that returns one backbone per
 task (a list, or a result with ``task_models()`` such as EMR's `ModulatedMerge`) is
 evaluated task by task, and the table says what it keeps besides the base. Random methods
-get ``key=jax.random.key(0)``.
+get ``key=jax.random.key(0)``. The ``lora`` family merges rank-`LORA_RANK` adapters
+extracted from the experts (`lora_experts`) and is evaluated as the backbone plus the
+merged adapter's update.
 Methods that learn from data get it from the suite by hyperparameter name (`suite_inputs`):
 ``apply_fn`` (the backbone's embeddings), ``heads`` (each task's frozen head),
 ``batches`` (unlabeled *test* inputs, 16 per task per step, reshuffled each epoch: the
 test-time adaptation setting of AdaMerging, Surgery and WEMoE; validation inputs for the
 methods in `VALIDATION_BATCHES`), ``labeled_batches`` (the validation
-split with labels), ``evaluate`` / ``fitness`` (average validation accuracy), ``fishers``
+split with labels), ``evaluate`` / ``fitness`` (average validation accuracy), ``loss_fn``
+(LoraHub's: an adapter's mean validation cross-entropy), ``fishers``
 and ``grams`` (each expert's diagonal Fisher and dense-layer input Gram matrices from 256
 validation examples, computed before the merge is timed). Their
 results are evaluated as they come: merged params (``.params``), one backbone per task, or
@@ -39,8 +42,8 @@ from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
 from mergejax.tree import MergeError, PyTree, task_vector
 
-__all__ = ["backbones", "reference_rows", "run_method", "run_methods", "suite_inputs",
-           "task_accuracies", "validation_score"]
+__all__ = ["backbones", "lora_experts", "reference_rows", "run_method", "run_methods",
+           "suite_inputs", "task_accuracies", "validation_score"]
 
 
 def _is_model_list(merged: Any) -> bool:
@@ -218,8 +221,6 @@ def _merge(method, suite: Suite, hparams: Mapping[str, Any],
            adapters: Sequence[PyTree] | None):
     """The method's result on the suite's experts, or on their LoRA ``adapters`` (then
     the backbone plus the merged adapter's update)."""
-    if getattr(method, "uses_key", False) is True and "key" not in hparams:
-        hparams = {**hparams, "key": jax.random.key(0)}
     if adapters is None:
         return jax.block_until_ready(method(suite.pretrained, suite.experts, **hparams))
     merged = method(None, adapters, **hparams)
@@ -251,8 +252,9 @@ def run_method(suite: Suite, name: str, hparams: Mapping[str, Any] | None = None
     for hparam, make in inputs.items():
         if hparam in method.hparams and hparam not in hparams:
             hparams[hparam] = make()
-    if method.hparams.get("key", None) is REQUIRED and "key" not in hparams:
-        hparams["key"] = jax.random.key(suite.config.seed)
+    if "key" not in hparams and (getattr(method, "uses_key", False) is True
+                                 or method.hparams.get("key", None) is REQUIRED):
+        hparams["key"] = jax.random.key(0)
     reason = _skip_reason(method, len(suite.experts), hparams)
     if reason:
         nan = float("nan")
