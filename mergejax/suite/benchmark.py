@@ -40,7 +40,7 @@ from mergejax.method import REQUIRED
 from mergejax.suite import model as model_lib
 from mergejax.suite.protocol import Suite
 from mergejax.suite.report import Row
-from mergejax.tree import MergeError, PyTree, task_vector
+from mergejax.tree import MergeError, PyTree, task_vector, tree_add
 
 __all__ = ["backbones", "lora_experts", "reference_rows", "run_method", "run_methods",
            "suite_inputs", "task_accuracies", "validation_score"]
@@ -131,8 +131,7 @@ def lora_experts(suite: Suite, rank: int = LORA_RANK) -> list[PyTree]:
 
 def _adapted(suite: Suite, adapter: PyTree) -> PyTree:
     """The backbone plus an adapter's dense update."""
-    return jax.tree.map(lambda b, d: b + d.astype(b.dtype), suite.pretrained,
-                        lora.lora_delta(adapter))
+    return tree_add(suite.pretrained, lora.lora_delta(adapter))
 
 
 def _lorahub_loss(suite: Suite) -> Callable[[PyTree], float]:
