@@ -443,28 +443,55 @@ def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray
 _window_hist = jax.jit(stages._window_histogram)  # noqa: SLF001
 
 
-@pytest.mark.parametrize("case,gathered", [("sparse", True), ("dense", False),
-                                          ("padded_from_zero", True), ("empty", True)])
-def test_window_histogram_gathers_candidate_rows_or_histograms_every_key(case, gathered):
-    """The window pass histograms only the rows holding a key in the window (gathered)
-    when they are at most an eighth of the rows, every key otherwise; both equal a NumPy
-    histogram, padding (a size that is not a multiple of the row) included."""
+@pytest.mark.parametrize("bins", [200, 65536])
+def test_select_bin_finds_the_bin_of_each_rank(bins):
+    """`_select_bin` (two levels over blocks of 256 bins for long histograms, one level for
+    short ones) against a NumPy count from the top: the bin holding the rank-th largest
+    entry and the rank inside it, for ranks from 1 to the total."""
+    rng = np.random.default_rng(bins)
+    hist = np.where(rng.random((3, bins)) < 0.01, rng.integers(1, 9, (3, bins)), 0)
+    hist[1, :] = 0
+    hist[1, 17] = 5  # all of one row in one bin
+    totals = hist.sum(axis=1)
+    ranks = np.stack([rng.integers(1, t + 1, 40) for t in totals], axis=1)  # (40, 3)
+    ranks[0] = totals  # the smallest entry
+    ranks[1] = 1  # the largest
+    got_bin, got_rank = jax.jit(stages._select_bin)(  # noqa: SLF001
+        jnp.asarray(np.broadcast_to(hist, (40, 3, bins)), jnp.int32), jnp.asarray(ranks))
+    for i in range(40):
+        for j in range(3):
+            at_or_above = np.cumsum(hist[j, ::-1])[::-1]
+            b = np.flatnonzero(at_or_above >= ranks[i, j]).max()
+            assert (int(got_bin[i, j]), int(got_rank[i, j])) == (
+                b, ranks[i, j] - (at_or_above[b] - hist[j, b]))
+
+
+@pytest.mark.parametrize("case", ["sparse", "dense", "padded_from_zero", "empty"])
+def test_window_histogram_counts_the_candidate_rows_exactly(case):
+    """The window pass histograms only the rows holding a key in the window, in chunks of
+    candidate rows; it equals a NumPy histogram whether the candidates fill part of one
+    chunk (with row 0 a candidate, which the unused slots of a chunk point at), many
+    chunks (a key inside in every row), none, or sit where the padding is (a size that
+    is not a multiple of the row, with the window at key 0)."""
     rng = np.random.default_rng(7)
     n = 32 * 5000 + (13 if case == "padded_from_zero" else 0)
     start, width = (0, 2) if case == "padded_from_zero" else (0x9000, 3)
     keys = rng.integers(0x8000 << 16, 0xB000 << 16, size=n, dtype=np.int64)
     in_window = lambda k: ((k >> 16) >= start) & ((k >> 16) < start + width)  # noqa: E731
     keys = np.where(in_window(keys), keys + (4 << 16), keys)  # none inside yet
-    if case == "sparse":  # ~0.2% of keys inside
+    if case == "sparse":  # ~0.2% of keys inside, one of them in row 0
         pick = rng.random(n) < 0.002
+        pick[3] = True
         keys[pick] = rng.integers(0x9000 << 16, 0x9003 << 16, size=pick.sum())
     elif case == "dense":  # a key inside in every row
         keys[::7] = (0x9001 << 16) + 5
     elif case == "padded_from_zero":  # the window starts at key 0, where padding sits
         pick = rng.random(n) < 0.002
         keys[pick] = rng.integers(0, 2 << 16, size=pick.sum())
-    rows = np.pad(in_window(keys), (0, -n % 32)).reshape(-1, 32).any(axis=1)
-    assert (rows.mean() <= 1 / 8) == gathered and rows.any() == (case != "empty")
+    row = stages._ROW  # noqa: SLF001
+    rows = np.pad(in_window(keys), (0, -n % row)).reshape(-1, row).any(axis=1)
+    chunks = -(-rows.sum() // stages._CHUNK_ROWS)  # noqa: SLF001
+    assert chunks == {"sparse": 1, "dense": 10, "padded_from_zero": 1, "empty": 0}[case]
     keys = keys.astype(np.uint32)
     want = ref_window_histogram(keys, start, width)
     start_from = jnp.arange(stages._FINE + 1, dtype=jnp.int32)  # noqa: SLF001
@@ -502,8 +529,8 @@ def _window_found(values, ranks):
     sample = stages._histograms(None, values, stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
     starts = stages.window_starts(sample, ranks, n)
-    hist = stages._histograms(None, values, stages._window_bins(starts),  # noqa: SLF001
-                              stages._FINE + 1, rows=len(ranks))  # noqa: SLF001
+    window = (starts, jnp.full_like(starts, stages._WINDOW))  # noqa: SLF001
+    hist = stages._window_histograms(None, values, window)  # noqa: SLF001
     return bool(jnp.all(stages.window_thresholds(hist, starts, ranks)[1]))
 
 

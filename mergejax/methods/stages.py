@@ -23,20 +23,20 @@ low 16 bits) runs instead, under `lax.cond`. Inputs of up to 2**18 entries skip 
 sample, and up to 2**12 (or float64 inputs) are sorted.
 
 A global (model-wide) threshold folds the histograms over leaves
-(`global_threshold_passes`), so it needs no concatenated copy of the model. Its window is
-narrowed to the sample's rank +- 4 standard deviations (1-4 bins), and the fine histogram
-only sees the rows of 32 entries that hold a key inside the window (gathered), unless a
-leaf has more than an eighth of its rows there. Per tensor, every key is histogrammed:
-a leaf's own sample leaves windows of 3-4 bins, whose rows would overflow the gather.
+(`global_threshold_passes`), so it needs no concatenated copy of the model; its window is
+narrowed to the sample's rank +- 4 standard deviations (1-4 bins). Per tensor the window
+is 4 bins centred on the sample's estimate. Either way the window pass histograms only
+the rows of 16 entries that hold a key inside the window: a row test, the candidate rows
+compacted, then a loop over chunks of them, so its cost follows the number of candidates.
 
 Cost on XLA:CPU (2 cores, measured): a scatter-add costs ~3.4 ns per entry (it does not
-vectorise), a row test ~0.4 ns; the window pass dominates (global TIES over 8 x 94M
-entries: 3.5 s scattering every key, 2.8-3.0 s gathering; task arithmetic 0.21-0.28 s,
-the merge pass with known thresholds 1.2x that). XLA:CPU does not fuse elementwise
-producers into reductions (other than the few float patterns its YNNPACK fusions take):
-they are materialised, and a fresh output buffer costs ~0.5 ns per byte in page faults.
-Its cumsum costs ~10 ns per entry (hence `_exclusive_prefix`). On XLA:CPU's default
-scheduler, large programs keep every leaf's intermediates alive at once
+vectorise), a fused row test ~0.3 ns, a cumsum ~10 ns per entry (hence `_exclusive_prefix`
+and the two-level `_select_bin`). Per-tensor selection of 8 x 2.4M entries: 4.4 ns per
+entry scattering every key, 2.0 ns with the candidate rows. XLA:CPU does not fuse
+elementwise producers into reductions (other than the few float patterns its YNNPACK
+fusions take): they are materialised, and a fresh output buffer costs ~0.5 ns per byte in
+page faults. On XLA:CPU's default scheduler, large programs keep every leaf's
+intermediates alive at once
 (``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` avoids it; see
 ``experiments/bench_sparse.py``).
 
@@ -148,21 +148,37 @@ def _low_bins(high_bins: Array):
     return bins
 
 
+_SELECT_BLOCK = 256
+
+
 def _select_bin(hist: Array, rank: Array) -> tuple[Array, Array]:
     """The bin holding the ``rank``-th largest entry, and that entry's rank inside it.
 
-    Batched: ``hist`` is ``(..., bins)`` and ``rank`` ``(...)``. (One batched cumsum:
-    XLA:CPU takes ~70 ms to compile each cumsum over 65536 bins.)
+    Batched: ``hist`` is ``(..., bins)`` and ``rank`` ``(...)``. XLA:CPU's cumsum costs
+    ~10 ns per entry (and ~70 ms to compile over 65536 bins), so a long histogram is
+    searched in two levels: the block of `_SELECT_BLOCK` bins holding the rank (from the
+    block sums), then the bin inside that block.
     """
-    at_or_above = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # this bin or higher
+    bins = hist.shape[-1]
     rank = jnp.broadcast_to(rank, hist.shape[:-1])
+    if bins <= _SELECT_BLOCK or bins % _SELECT_BLOCK:
+        return _select_bin_flat(hist, rank)
+    blocks = hist.reshape(hist.shape[:-1] + (bins // _SELECT_BLOCK, _SELECT_BLOCK))
+    block, rank_in_block = _select_bin_flat(jnp.sum(blocks, axis=-1), rank)
+    within = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+    b, rank_in_bin = _select_bin_flat(within, rank_in_block)
+    return block * _SELECT_BLOCK + b, rank_in_bin
+
+
+def _select_bin_flat(hist: Array, rank: Array) -> tuple[Array, Array]:
+    at_or_above = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # this bin or higher
     b = jnp.maximum(jnp.sum(at_or_above >= rank[..., None], axis=-1) - 1, 0)
     pick = lambda a: jnp.take_along_axis(a, b[..., None], axis=-1)[..., 0]
     return b, rank - (pick(at_or_above) - pick(hist))
 
 
 # Sampled window. A strided sample of about _SAMPLE entries per task locates the high bin
-# of the wanted rank; one pass then histograms every key within _WINDOW high bins around
+# of the wanted rank; one pass then histograms the keys within _WINDOW high bins around
 # it at full resolution (a bin per key), and counts the keys above the window. When the
 # rank falls outside the window (a misleading sample) two exact radix passes follow.
 _SAMPLE = 1 << 18
@@ -189,8 +205,7 @@ def _scaled_ranks(sample_hist: Array, ranks: tuple[int, ...], size: int
 
 def _sample_bin(hist: Array, counts: Array, rank: Array) -> Array:
     """The high bin holding the sample's ``rank``-th largest entry (``rank`` float,
-    rounded up and clipped to the sample). Each call is a cumsum over 65536 bins (~10 ns
-    per bin on XLA:CPU)."""
+    rounded up and clipped to the sample)."""
     rank = jnp.clip(jnp.ceil(rank), 1, jnp.maximum(counts, 1)).astype(jnp.int32)
     return _select_bin(hist, rank)[0]
 
@@ -224,18 +239,8 @@ def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int
     return jnp.where(fits, bottom, wide), jnp.where(fits, top - bottom + 1, _WINDOW)
 
 
-def _window_bins(starts: Array):
-    """Per-tensor window bins of rank i for task j: the key's fine bin inside the window,
-    _FINE above it, `_DROP` below it."""
-    def bins(keys, i, j):
-        first = starts[i, j].astype(jnp.uint32) << _HALF
-        above = jnp.minimum(keys - first, jnp.uint32(_FINE)).astype(jnp.int32)
-        return jnp.where(keys < first, _DROP, above)
-    return bins
-
-
-_ROW = 32  # entries per row of the window pass's row test
-_CAP_ROWS = 8  # at most 1/_CAP_ROWS of the rows are gathered; more: histogram every key
+_ROW = 16  # entries per row of the window pass's row test
+_CHUNK_ROWS = 1024  # candidate rows histogrammed per loop iteration
 _PREFIX_BLOCK = 32
 
 
@@ -257,41 +262,40 @@ def _window_histogram(hist: Array, keys: Array, start: Array, width: Array) -> A
     span)`` (``first = start << 16``, ``span = width << 16``) at full resolution, then the
     count above.
 
-    Only rows of `_ROW` entries holding a key inside the window are histogrammed
-    (gathered first), when they are at most 1/`_CAP_ROWS` of the rows; otherwise every
-    key is.
+    Only the rows of `_ROW` entries holding a key inside the window are histogrammed: a
+    row test (one packed row sum gives the count above the window and whether the row
+    holds a candidate), the candidate rows' indices compacted by `_exclusive_prefix`,
+    then a loop over chunks of `_CHUNK_ROWS` of them as long as there are any. A scatter
+    costs ~3.4 ns per update on XLA:CPU, dropped ones included, so the work follows the
+    number of candidates, not a fixed capacity.
     """
     first = start.astype(jnp.uint32) << _HALF
     span = width.astype(jnp.uint32) << _HALF
-
-    def every(_):
-        d = keys - first
-        inside = (keys >= first) & (d < span)
-        return hist.at[jnp.where(inside, d.astype(jnp.int32), _DROP)].add(1, mode="drop")
-
     n = keys.size
     rows = -(-n // _ROW)
     table = jnp.pad(keys, (0, rows * _ROW - n)).reshape(rows, _ROW)
-    offset = table - first  # wraps around below the window
-    inside = offset < span
+    inside = table - first < span  # wraps around below the window
     # One row sum carries both counts: above (at most _ROW) in the low byte.
     packed = jnp.sum(jnp.where(inside, jnp.uint32(256), jnp.uint32(0))
                      + ((~inside) & (table >= first)).astype(jnp.uint32), axis=1)
     above = jnp.sum((packed & jnp.uint32(255)).astype(jnp.int32))
     candidate = (packed >> 8 > 0).astype(jnp.int32)
-    cap = -(-rows // _CAP_ROWS)
+    chunk = min(_CHUNK_ROWS, rows)
+    slots = -(-rows // chunk) * chunk
+    slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), slots)
+    row = jnp.zeros(slots, jnp.int32).at[slot].set(
+        jnp.arange(rows, dtype=jnp.int32), mode="drop")
+    count = jnp.sum(candidate)
+    lanes = jnp.arange(_ROW, dtype=jnp.int32)[None, :]
 
-    def gathered(_):
-        slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), cap)
-        row = jnp.zeros(cap, jnp.int32).at[slot].set(
-            jnp.arange(rows, dtype=jnp.int32), mode="drop")
-        live = jnp.arange(cap) < jnp.sum(candidate)
-        entry = row[:, None] * _ROW + jnp.arange(_ROW, dtype=jnp.int32)[None, :]
-        got = offset[row]
-        keep = live[:, None] & (entry < n) & (got < span)  # (entry < n): not padding
-        return hist.at[jnp.where(keep, got.astype(jnp.int32), _DROP)].add(1, mode="drop")
+    def add_chunk(i, hist):
+        picked = lax.dynamic_slice_in_dim(row, i * chunk, chunk)
+        live = (i * chunk + jnp.arange(chunk) < count)[:, None]
+        offset = table[picked] - first
+        keep = live & (picked[:, None] * _ROW + lanes < n) & (offset < span)  # not padding
+        return hist.at[jnp.where(keep, offset.astype(jnp.int32), _DROP)].add(1, mode="drop")
 
-    counted = lax.cond(jnp.sum(candidate) <= cap, gathered, every, None)
+    counted = lax.fori_loop(0, (count + chunk - 1) // chunk, add_chunk, hist)
     return counted.at[_FINE].add(above)
 
 
@@ -398,11 +402,8 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
     if size <= _SAMPLE:
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
-    # Per tensor, every key is histogrammed: a leaf's own sample leaves windows of 3-4
-    # bins, whose candidate rows are more than an eighth of the rows (measured on ViT-B/32
-    # shapes), so gathering them (`_window_histograms`) was slower.
     starts = window_starts(sample, live, size)
-    hist = _histograms(None, values, _window_bins(starts), _FINE + 1, rows=len(live))
+    hist = _window_histograms(None, values, (starts, jnp.full_like(starts, _WINDOW)))
     thresholds, found = window_thresholds(hist, starts, live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
