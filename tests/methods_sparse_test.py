@@ -440,7 +440,11 @@ def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray
     return hist
 
 
-_window_hist = jax.jit(stages._window_histogram)  # noqa: SLF001
+_window_hists = jax.jit(stages._window_histograms, static_argnums=2)  # noqa: SLF001
+
+
+def _reverse(inputs):
+    return inputs[::-1]
 
 
 @pytest.mark.parametrize("bins", [200, 65536])
@@ -466,36 +470,61 @@ def test_select_bin_finds_the_bin_of_each_rank(bins):
                 b, ranks[i, j] - (at_or_above[b] - hist[j, b]))
 
 
-@pytest.mark.parametrize("case", ["sparse", "dense", "padded_from_zero", "empty"])
-def test_window_histogram_counts_the_candidate_rows_exactly(case):
-    """The window pass histograms only the rows holding a key in the window, in chunks of
-    candidate rows; it equals a NumPy histogram whether the candidates fill part of one
-    chunk (with row 0 a candidate, which the unused slots of a chunk point at), many
-    chunks (a key inside in every row), none, or sit where the padding is (a size that
-    is not a multiple of the row, with the window at key 0)."""
-    rng = np.random.default_rng(7)
-    n = 32 * 5000 + (13 if case == "padded_from_zero" else 0)
-    start, width = (0, 2) if case == "padded_from_zero" else (0x9000, 3)
+def _window_case_keys(case: str, n: int, start: int, width: int, seed: int) -> np.ndarray:
+    """Order keys of non-negative floats (none inside the window), then the case's keys
+    inside it."""
+    rng = np.random.default_rng(seed)
     keys = rng.integers(0x8000 << 16, 0xB000 << 16, size=n, dtype=np.int64)
     in_window = lambda k: ((k >> 16) >= start) & ((k >> 16) < start + width)  # noqa: E731
     keys = np.where(in_window(keys), keys + (4 << 16), keys)  # none inside yet
     if case == "sparse":  # ~0.2% of keys inside, one of them in row 0
         pick = rng.random(n) < 0.002
         pick[3] = True
-        keys[pick] = rng.integers(0x9000 << 16, 0x9003 << 16, size=pick.sum())
+        keys[pick] = rng.integers(start << 16, (start + width) << 16, size=pick.sum())
     elif case == "dense":  # a key inside in every row
-        keys[::7] = (0x9001 << 16) + 5
-    elif case == "padded_from_zero":  # the window starts at key 0, where padding sits
+        keys[::7] = (start << 16) + 5
+    elif case == "padded_at_zero":  # the window holds 0.0, the padding's value
         pick = rng.random(n) < 0.002
-        keys[pick] = rng.integers(0, 2 << 16, size=pick.sum())
+        pick[-1] = True  # the padded last row is a candidate
+        keys[pick] = rng.integers(start << 16, (start + 2) << 16, size=pick.sum())
+    return keys
+
+
+@pytest.mark.parametrize("case", ["sparse", "dense", "padded_at_zero", "empty"])
+def test_window_histograms_count_the_candidate_rows_exactly(case):
+    """The window pass histograms only the rows holding a key in the window, in chunks of
+    candidate rows; for two tasks with their own windows it equals a NumPy histogram
+    whether the candidates fill part of one chunk (with row 0 a candidate, which the
+    unused slots of a chunk point at), many chunks (a key inside in every row), none, or
+    sit where the padding is (a size that is not a multiple of the row, with the window
+    holding 0.0, the value of the padding). The values come from the inputs through a
+    function of them, as the model-wide pass gives them."""
+    n = 32 * 5000 + (13 if case == "padded_at_zero" else 0)
+    # In the padded case, task 1's window holds negative floats: the padding (0.0) is
+    # above it but must not count.
+    windows = ([(0x8000, 2), (0x7F00, 1)] if case == "padded_at_zero"
+               else [(0x9000, 3), (0x9100, 4)])
+    keys = [_window_case_keys(case, n, start, width, seed)
+            for seed, (start, width) in enumerate(windows)]
     row = stages._ROW  # noqa: SLF001
-    rows = np.pad(in_window(keys), (0, -n % row)).reshape(-1, row).any(axis=1)
-    chunks = -(-rows.sum() // stages._CHUNK_ROWS)  # noqa: SLF001
-    assert chunks == {"sparse": 1, "dense": 10, "padded_from_zero": 1, "empty": 0}[case]
-    keys = keys.astype(np.uint32)
-    want = ref_window_histogram(keys, start, width)
-    start_from = jnp.arange(stages._FINE + 1, dtype=jnp.int32)  # noqa: SLF001
-    got = _window_hist(start_from, jnp.asarray(keys), jnp.int32(start), jnp.int32(width))
+    expected_chunks = {"sparse": (1, 1), "dense": (10, 10), "padded_at_zero": (1, 1),
+                       "empty": (0, 0)}[case]
+    for k, (start, width), want_chunks in zip(keys, windows, expected_chunks):
+        inside = ((k >> 16) >= start) & ((k >> 16) < start + width)
+        rows = np.pad(inside, (0, -n % row)).reshape(-1, row).any(axis=1)
+        assert -(-rows.sum() // stages._CHUNK_ROWS) == want_chunks  # noqa: SLF001
+    # The floats of the keys (the inverse of `order_key`).
+    floats = [np.where(k >> 31 == 1, k & 0x7FFFFFFF, ~k & 0xFFFFFFFF).astype(np.uint32)
+              .view(np.float32) for k in keys]
+    want = np.stack([ref_window_histogram(k.astype(np.uint32), start, width)
+                     for k, (start, width) in zip(keys, windows)])
+    start_from = jnp.broadcast_to(jnp.arange(stages._FINE + 1, dtype=jnp.int32),  # noqa: SLF001
+                                  want.shape)
+    window = tuple(jnp.asarray([[w[i] for w in windows]], jnp.int32) for i in range(2))
+    # The values are the inputs in reverse order (no arithmetic: XLA:CPU flushes the
+    # subnormal floats near 0.0 to zero).
+    got = _window_hists(start_from, tuple(jnp.asarray(f) for f in floats[::-1]), _reverse,
+                        window)
     np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
 
 
@@ -530,7 +559,7 @@ def _window_found(values, ranks):
                                 stride=stages.sample_stride(n))
     starts = stages.window_starts(sample, ranks, n)
     window = (starts, jnp.full_like(starts, stages._WINDOW))  # noqa: SLF001
-    hist = stages._window_histograms(None, values, window)  # noqa: SLF001
+    hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001
     return bool(jnp.all(stages.window_thresholds(hist, starts, ranks)[1]))
 
 

@@ -257,67 +257,81 @@ def _exclusive_prefix(flags: Array) -> Array:
     return inclusive.reshape(-1)[:n] - flags
 
 
-def _window_histogram(hist: Array, keys: Array, start: Array, width: Array) -> Array:
-    """Adds to ``hist`` (``(_FINE + 1,)`` int32) the count of each key in ``[first, first +
-    span)`` (``first = start << 16``, ``span = width << 16``) at full resolution, then the
-    count above.
-
-    Only the rows of `_ROW` entries holding a key inside the window are histogrammed: a
-    row test (one packed row sum gives the count above the window and whether the row
-    holds a candidate), the candidate rows' indices compacted by `_exclusive_prefix`,
-    then a loop over chunks of `_CHUNK_ROWS` of them as long as there are any. A scatter
-    costs ~3.4 ns per update on XLA:CPU, dropped ones included, so the work follows the
-    number of candidates, not a fixed capacity.
-    """
-    first = start.astype(jnp.uint32) << _HALF
-    span = width.astype(jnp.uint32) << _HALF
-    n = keys.size
-    rows = -(-n // _ROW)
-    table = jnp.pad(keys, (0, rows * _ROW - n)).reshape(rows, _ROW)
-    inside = table - first < span  # wraps around below the window
-    # One row sum carries both counts: above (at most _ROW) in the low byte.
-    packed = jnp.sum(jnp.where(inside, jnp.uint32(256), jnp.uint32(0))
-                     + ((~inside) & (table >= first)).astype(jnp.uint32), axis=1)
-    above = jnp.sum((packed & jnp.uint32(255)).astype(jnp.int32))
-    candidate = (packed >> 8 > 0).astype(jnp.int32)
-    chunk = min(_CHUNK_ROWS, rows)
-    slots = -(-rows // chunk) * chunk
-    slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), slots)
-    row = jnp.zeros(slots, jnp.int32).at[slot].set(
-        jnp.arange(rows, dtype=jnp.int32), mode="drop")
-    count = jnp.sum(candidate)
-    lanes = jnp.arange(_ROW, dtype=jnp.int32)[None, :]
-
-    def add_chunk(i, hist):
-        picked = lax.dynamic_slice_in_dim(row, i * chunk, chunk)
-        live = (i * chunk + jnp.arange(chunk) < count)[:, None]
-        offset = table[picked] - first
-        keep = live & (picked[:, None] * _ROW + lanes < n) & (offset < span)  # not padding
-        return hist.at[jnp.where(keep, offset.astype(jnp.int32), _DROP)].add(1, mode="drop")
-
-    counted = lax.fori_loop(0, (count + chunk - 1) // chunk, add_chunk, hist)
-    return counted.at[_FINE].add(above)
+def _identity(values: tuple[Array, ...]) -> tuple[Array, ...]:
+    return values
 
 
-def _window_histograms(acc: Array | None, values: tuple[Array, ...],
+def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
                        window: tuple[Array, Array]) -> Array:
-    """Adds the `narrow_window` histograms of ``values`` (K arrays) to ``acc`` (``(R * K,
-    _FINE + 1)``; row ``i * K + j``: rank i, task j), one task at a time (see
-    `_histograms`), each by `_window_histogram`."""
+    """Adds the window histograms of the K arrays ``values_of(inputs)`` to ``acc`` (``(R *
+    K, _FINE + 1)``; row ``i * K + j``: rank i, task j): the count of each key in ``[first,
+    first + span)`` (``first = starts[i, j] << 16``, ``span = widths[i, j] << 16``) at full
+    resolution, then the count above.
+
+    ``values_of`` is elementwise (e.g. ``|base - x_k|`` from ``inputs = (base, *models)``),
+    so neither the values nor their keys are materialised: a row test per rank and task
+    (one packed row sum over rows of `_ROW` entries gives the count above the window and
+    whether the row holds a candidate) reads the inputs, the candidate rows' indices are
+    compacted by `_exclusive_prefix`, and a loop over chunks of `_CHUNK_ROWS` of them, as
+    long as there are any, gathers those rows of the inputs (inside the task's branch, so
+    XLA drops the gathers its values do not use) and histograms their keys. A scatter
+    costs ~3.4 ns per update on XLA:CPU, dropped ones included, so the work follows the
+    number of candidates.
+    """
     starts, widths = window
     n_ranks, k = starts.shape
     if acc is None:
         acc = jnp.zeros((n_ranks * k, _FINE + 1), jnp.int32)
+    n = inputs[0].size
+    rows = -(-n // _ROW)
+    tables = tuple(jnp.pad(x.reshape(-1), (0, rows * _ROW - n)).reshape(rows, _ROW)
+                   for x in inputs)
+    firsts = starts.astype(jnp.uint32) << _HALF
+    spans = widths.astype(jnp.uint32) << _HALF
+    # Not padding (which may count above a window; padded candidates are dropped when
+    # gathered).
+    real = (lax.broadcasted_iota(jnp.int32, (rows, _ROW), 0) * _ROW
+            + lax.broadcasted_iota(jnp.int32, (rows, _ROW), 1)) < n
+    above, candidates = [], []
+    for i in range(n_ranks):
+        for j, values in enumerate(values_of(tables)):
+            keys = order_key(values).reshape(rows, _ROW)
+            inside = keys - firsts[i, j] < spans[i, j]  # wraps around below the window
+            higher = (~inside) & (keys >= firsts[i, j]) & real
+            # One row sum carries both counts: above (at most _ROW) in the low byte.
+            packed = jnp.sum(jnp.where(inside, jnp.uint32(256), jnp.uint32(0))
+                             + higher.astype(jnp.uint32), axis=1)
+            above.append(jnp.sum((packed & jnp.uint32(255)).astype(jnp.int32)))
+            candidates.append((packed >> 8 > 0).astype(jnp.int32))
+    above, candidates = jnp.stack(above), jnp.stack(candidates)
+    chunk = min(_CHUNK_ROWS, rows)
+    slots = -(-rows // chunk) * chunk
+    lanes = jnp.arange(_ROW, dtype=jnp.int32)[None, :]
 
-    def task(j, acc):
-        keys = order_key(lax.switch(j, [lambda v=v: v for v in values]))
-        for i in range(n_ranks):
-            row = i * k + j
-            acc = acc.at[row].set(
-                _window_histogram(acc[row], keys, starts[i, j], widths[i, j]))
-        return acc
+    def task_values(picked: Array) -> list:
+        return [lambda m=m: values_of(tuple(t[picked] for t in tables))[m] for m in range(k)]
 
-    return lax.fori_loop(0, k, task, acc)
+    def rank_and_task(row_of_acc, acc):
+        j = row_of_acc % k
+        first, span = firsts.reshape(-1)[row_of_acc], spans.reshape(-1)[row_of_acc]
+        candidate = candidates[row_of_acc]
+        slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), slots)
+        row = jnp.zeros(slots, jnp.int32).at[slot].set(
+            jnp.arange(rows, dtype=jnp.int32), mode="drop")
+        count = jnp.sum(candidate)
+
+        def add_chunk(c, hist):
+            picked = lax.dynamic_slice_in_dim(row, c * chunk, chunk)
+            live = (c * chunk + jnp.arange(chunk) < count)[:, None]
+            offset = order_key(lax.switch(j, task_values(picked))).reshape(chunk, _ROW) - first
+            keep = live & (picked[:, None] * _ROW + lanes < n) & (offset < span)
+            return hist.at[jnp.where(keep, offset.astype(jnp.int32), _DROP)].add(
+                1, mode="drop")
+
+        hist = lax.fori_loop(0, (count + chunk - 1) // chunk, add_chunk, acc[row_of_acc])
+        return acc.at[row_of_acc].set(hist.at[_FINE].add(above[row_of_acc]))
+
+    return lax.fori_loop(0, n_ranks * k, rank_and_task, acc)
 
 
 def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
@@ -403,7 +417,8 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
     starts = window_starts(sample, live, size)
-    hist = _window_histograms(None, values, (starts, jnp.full_like(starts, _WINDOW)))
+    hist = _window_histograms(None, values, _identity,
+                              (starts, jnp.full_like(starts, _WINDOW)))
     thresholds, found = window_thresholds(hist, starts, live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
@@ -447,9 +462,11 @@ _BATCH_FLUSH = 1 << 21
 def _fold(acc, values, add, init):
     """Adds a leaf's values to a histogram accumulator ``(hist, pending, pending_size)``.
 
-    ``values`` is a thunk giving the leaf's K arrays; a large leaf's are computed inside
-    ``add`` (so that a `lax.cond` there does not get them as materialised operands).
-    Small leaves are kept back and concatenated, then added with one call of ``add``:
+    ``values`` is ``(leaf size, thunk)``; the thunk gives ``(inputs, values_of)``, the
+    leaf's inputs and the elementwise function of them giving its K arrays. A large
+    leaf's are computed inside ``add`` (so that a `lax.cond` there does not get them as
+    materialised operands, and the window pass need not materialise them at all). Small
+    leaves' values are kept back and concatenated, then added with one call of ``add``:
     a histogram per leaf compiles in tens of ms, and models have hundreds of small
     leaves (biases, norms).
     """
@@ -457,7 +474,7 @@ def _fold(acc, values, add, init):
     leaf_size, thunk = values
     if leaf_size > _BATCH_LEAF:
         return add(hist, thunk), pending, size
-    pending, size = pending + (thunk(),), size + leaf_size
+    pending, size = pending + (_leaf_values(thunk),), size + leaf_size
     if size >= _BATCH_FLUSH:
         return _flush((hist, pending, size), add), (), 0
     return hist, pending, size
@@ -469,7 +486,13 @@ def _flush(acc, add) -> Array:
         return hist
     joined = tuple(jnp.concatenate([p[k].reshape(-1) for p in pending])
                    for k in range(len(pending[0])))
-    return add(hist, lambda: joined)
+    return add(hist, lambda: (joined, _identity))
+
+
+def _leaf_values(thunk) -> tuple[Array, ...]:
+    """The K arrays of a `_fold` thunk's leaf."""
+    inputs, values_of = thunk()
+    return values_of(inputs)
 
 
 def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[StatisticsPass, ...]:
@@ -493,12 +516,11 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
         return _live(ranks_fn(ctx, **hp), ctx.total_size)
 
     def full(ctx, base, models):
-        return base, models
+        return (base, *models)
 
     def strided(ctx, base, models):
         stride = sample_stride(ctx.total_size)
-        return (base.reshape(-1)[::stride],
-                tuple(x.reshape(-1)[::stride] for x in models))
+        return tuple(x.reshape(-1)[::stride] for x in (base, *models))
 
     def pass_(make_add, init, finalize, read=full):
         """A pass that folds every leaf with live ranks into a histogram; ``read`` gives
@@ -514,7 +536,8 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
                     f"scope='global' selects thresholds on float32 keys, which is not exact "
                     f"for float64 inputs (at '{ctx.path}'); use scope='tensor'")
             add = make_add(ctx, ranks)
-            thunk = lambda: values_fn(ctx, *read(ctx, base, models), **hp)  # noqa: E731
+            thunk = lambda: (read(ctx, base, models),  # noqa: E731
+                             lambda inputs: values_fn(ctx, inputs[0], inputs[1:], **hp))
             state = _fold(None if acc is None else acc[2], (base.size, thunk), add,
                           lambda: init(ranks, len(models)))
             return ranks, add, state
@@ -528,23 +551,25 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
         return StatisticsPass(update, done, active)
 
     def sample_add(ctx, ranks):
-        return lambda h, v: _histograms(h, v(), _high_bins, _BINS)
+        return lambda h, v: _histograms(h, _leaf_values(v), _high_bins, _BINS)
 
     def window_add(ctx, ranks):
         window = ctx.stats[-1]
-        return lambda h, v: _window_histograms(h, v(), window)
+        return lambda h, v: _window_histograms(h, *v(), window)
 
     def high_add(ctx, ranks):
         _, found = ctx.stats[-1]
         return lambda h, v: lax.cond(found, lambda a: a,
-                                     lambda a: _histograms(a, v(), _high_bins, _BINS), h)
+                                     lambda a: _histograms(a, _leaf_values(v), _high_bins,
+                                                           _BINS), h)
 
     def low_add(ctx, ranks):
         _, found = ctx.stats[-2]
         high_bins = _radix_high_bins(ctx.stats[-1], ranks)
         return lambda h, v: lax.cond(
             found, lambda a: a,
-            lambda a: _histograms(a, v(), _low_bins(high_bins), _BINS, rows=len(ranks)), h)
+            lambda a: _histograms(a, _leaf_values(v), _low_bins(high_bins), _BINS,
+                                  rows=len(ranks)), h)
 
     bins = lambda width, rows=False: (  # noqa: E731
         lambda ranks, k: jnp.zeros(((len(ranks) if rows else 1) * k, width), jnp.int32))
