@@ -302,7 +302,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
             packed = jnp.sum(jnp.where(inside, jnp.uint32(256), jnp.uint32(0))
                              + higher.astype(jnp.uint32), axis=1)
             above.append(jnp.sum((packed & jnp.uint32(255)).astype(jnp.int32)))
-            candidates.append((packed >> 8 > 0).astype(jnp.int32))
+            candidates.append(packed >> 8 > 0)  # bool: a quarter of int32's memory
     above, candidates = jnp.stack(above), jnp.stack(candidates)
     chunk = min(_CHUNK_ROWS, rows)
     slots = -(-rows // chunk) * chunk
@@ -314,7 +314,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
     def rank_and_task(row_of_acc, acc):
         j = row_of_acc % k
         first, span = firsts.reshape(-1)[row_of_acc], spans.reshape(-1)[row_of_acc]
-        candidate = candidates[row_of_acc]
+        candidate = candidates[row_of_acc].astype(jnp.int32)
         slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), slots)
         row = jnp.zeros(slots, jnp.int32).at[slot].set(
             jnp.arange(rows, dtype=jnp.int32), mode="drop")
@@ -499,7 +499,8 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
     """The statistics passes of a model-wide `select_thresholds`, for `leafwise`.
 
     ``values_fn(ctx, base, models, **hparams)`` gives a leaf's K arrays to rank (e.g.
-    ``|tau_k|``, elementwise: the sample pass calls it on strided slices; write it from
+    ``|tau_k|``, elementwise: the sample pass calls it on strided slices, the window pass
+    on the leaf's rows and on gathered rows; write it from
     ``base - x``, not ``x - base``, so that XLA does not share it with the merge's
     ``x - base`` and keep it alive for every leaf: measured, 7 models' worth);
     ``ranks_fn(ctx, **hparams)`` the static tuple of 1-based ranks wanted,
