@@ -292,10 +292,10 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
     # gathered).
     real = (lax.broadcasted_iota(jnp.int32, (rows, _ROW), 0) * _ROW
             + lax.broadcasted_iota(jnp.int32, (rows, _ROW), 1)) < n
+    keys_of_task = [order_key(v).reshape(rows, _ROW) for v in values_of(tables)]
     above, candidates = [], []
     for i in range(n_ranks):
-        for j, values in enumerate(values_of(tables)):
-            keys = order_key(values).reshape(rows, _ROW)
+        for j, keys in enumerate(keys_of_task):
             inside = keys - firsts[i, j] < spans[i, j]  # wraps around below the window
             higher = (~inside) & (keys >= firsts[i, j]) & real
             # One row sum carries both counts: above (at most _ROW) in the low byte.
