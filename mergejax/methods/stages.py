@@ -217,8 +217,8 @@ def _centred(centre: Array) -> Array:
 def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Array:
     """``(R, K)`` first high bin of each rank's window of `_WINDOW` bins centred on the
     sample's estimate, from the sample's high-bin histograms ``(K, _BINS)`` (the
-    per-tensor window: every key is histogrammed, so a wide window costs nothing and
-    misses less often)."""
+    per-tensor window: a leaf's own sample needs about 4 bins for +-4 standard
+    deviations, as measured on ViT-B/32 shapes, and a fixed width misses less often)."""
     hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
     return _centred(_sample_bin(hist, counts, scaled))
 
