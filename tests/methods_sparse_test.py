@@ -557,10 +557,9 @@ def _window_found(values, ranks):
     n = values[0].size
     sample = stages._histograms(None, values, stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
-    starts = stages.window_starts(sample, ranks, n)
-    window = (starts, jnp.full_like(starts, stages._WINDOW))  # noqa: SLF001
+    window = stages.centred_window(sample, ranks, n)
     hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001
-    return bool(jnp.all(stages.window_thresholds(hist, starts, ranks)[1]))
+    return bool(jnp.all(stages.window_thresholds(hist, window[0], ranks)[1]))
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])

@@ -214,13 +214,16 @@ def _centred(centre: Array) -> Array:
     return jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
 
 
-def window_starts(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Array:
-    """``(R, K)`` first high bin of each rank's window of `_WINDOW` bins centred on the
-    sample's estimate, from the sample's high-bin histograms ``(K, _BINS)`` (the
-    per-tensor window: a leaf's own sample needs about 4 bins for +-4 standard
-    deviations, as measured on ViT-B/32 shapes, and a fixed width misses less often)."""
+def centred_window(sample_hist: Array, ranks: tuple[int, ...], size: int
+                   ) -> tuple[Array, Array]:
+    """``(starts, widths)``, each ``(R, K)``: each rank's window of `_WINDOW` high bins
+    centred on the sample's estimate, from the sample's high-bin histograms ``(K,
+    _BINS)`` (the per-tensor window: a leaf's own sample needs about 4 bins for +-4
+    standard deviations, as measured on ViT-B/32 shapes, and a fixed width misses less
+    often)."""
     hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
-    return _centred(_sample_bin(hist, counts, scaled))
+    starts = _centred(_sample_bin(hist, counts, scaled))
+    return starts, jnp.full_like(starts, _WINDOW)
 
 
 def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int
@@ -229,7 +232,7 @@ def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int
     its number of bins (1 to 4), for the gathered (model-wide) window pass, which wants
     few candidate rows. The window spans the high bins of the sample ranks ``s +- 4
     sqrt(s (1 - s / m))`` (``s`` the wanted rank scaled to the ``m`` sampled entries);
-    where that needs more than `_WINDOW` bins, the `window_starts` window."""
+    where that needs more than `_WINDOW` bins, the `centred_window`."""
     hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
     spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
     top = _sample_bin(hist, counts, scaled - spread)  # higher keys: smaller ranks
@@ -416,10 +419,9 @@ def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Arra
     if size <= _SAMPLE:
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
-    starts = window_starts(sample, live, size)
-    hist = _window_histograms(None, values, _identity,
-                              (starts, jnp.full_like(starts, _WINDOW)))
-    thresholds, found = window_thresholds(hist, starts, live)
+    window = centred_window(sample, live, size)
+    hist = _window_histograms(None, values, _identity, window)
+    thresholds, found = window_thresholds(hist, window[0], live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
 
