@@ -555,7 +555,8 @@ def _window_found(values, ranks):
     """Whether the per-tensor sampled window holds every rank (False: the exact fallback
     runs), computed as `select_thresholds` does."""
     n = values[0].size
-    sample = stages._histograms(None, values, stages._high_bins, stages._BINS,  # noqa: SLF001
+    sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
+                                stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
     window = stages.centred_window(sample, ranks, n)
     hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001

@@ -127,7 +127,7 @@ def _statistics(settings_fn):
     """The model-wide threshold passes of a method whose stage settings are
     ``settings_fn(hparams)`` (the passes do nothing for tensor scope)."""
     return stages.global_threshold_passes(
-        lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models),
+        lambda ctx, base, models, **hp: _magnitudes((base, *models)),
         lambda ctx, **hp: _global_ranks(ctx, settings_fn(hp)),
         lambda **hp: _is_global(settings_fn(hp)))
 
@@ -165,9 +165,19 @@ def _validate(paths: list[str], statics: list[dict]) -> None:
                          "scope='tensor' for per-leaf values")
 
 
-def _sparsified(ctx: LeafContext, taus: tuple[Array, ...], *, sparsify: str, scope: str,
-                density: float, gamma: float, epsilon: float, rescale: str, topk: str,
-                rank_axis: int) -> tuple[Array, ...]:
+def _magnitudes(inputs: tuple[Array, ...]) -> tuple[Array, ...]:
+    """``|tau_k|`` from ``(base, *models)``, for the threshold selection, written
+    ``|base - x|`` (equal to ``|x - base|``) so that XLA does not share it with the
+    merge's ``x - base`` and materialise it."""
+    base, *models = inputs
+    return tuple(jnp.abs(base - x) for x in models)
+
+
+def _sparsified(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, sparsify: str,
+                scope: str, density: float, gamma: float, epsilon: float, rescale: str,
+                topk: str, rank_axis: int) -> tuple[Array, ...]:
+    """The task vectors ``x_k - base`` after the sparsifier (and its rescale)."""
+    taus = tuple(x - base for x in models)
     if sparsify == "none" or (density >= 1.0 and sparsify != "outliers"):
         return taus
     if sparsify in _RANDOM:
@@ -180,26 +190,27 @@ def _sparsified(ctx: LeafContext, taus: tuple[Array, ...], *, sparsify: str, sco
             mask = stages.bernoulli_mask(ctx.key, p, t.shape, stream=k)
             out.append(stages.rescale_masked(t, mask, rescale, p))
         return tuple(out)
-    masks = _magnitude_masks(ctx, taus, sparsify=sparsify, scope=scope, density=density,
-                             gamma=gamma, topk=topk)
+    masks = _magnitude_masks(ctx, base, models, sparsify=sparsify, scope=scope,
+                             density=density, gamma=gamma, topk=topk)
     return tuple(stages.rescale_masked(t, m, rescale if rescale != "density" else "none")
                  for t, m in zip(taus, masks))
 
 
-def _magnitude_masks(ctx: LeafContext, taus: tuple[Array, ...], *, sparsify: str,
-                     scope: str, density: float, gamma: float,
+def _magnitude_masks(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
+                     sparsify: str, scope: str, density: float, gamma: float,
                      topk: str) -> tuple[Array, ...]:
-    """The masks of a magnitude-based sparsifier ("magnitude" or "outliers"), with
-    thresholds per leaf or, for ``scope="global"``, from the model-wide passes."""
-    magnitudes = tuple(jnp.abs(t) for t in taus)
+    """The masks of a magnitude-based sparsifier ("magnitude" or "outliers") of the task
+    vectors ``x_k - base``, with thresholds per leaf or, for ``scope="global"``, from the
+    model-wide passes."""
+    magnitudes = tuple(jnp.abs(x - base) for x in models)
     if scope == "global":
         ranks = _ranks(ctx.total_size, sparsify=sparsify, density=density, gamma=gamma,
                        topk=topk)
-        thresholds = stages.global_thresholds(ctx, ranks, len(taus))
+        thresholds = stages.global_thresholds(ctx, ranks, len(models))
     else:
-        ranks = _ranks(taus[0].size, sparsify=sparsify, density=density, gamma=gamma,
+        ranks = _ranks(base.size, sparsify=sparsify, density=density, gamma=gamma,
                        topk=topk)
-        thresholds = stages.select_thresholds(magnitudes, ranks)
+        thresholds = stages.select_thresholds((base, *models), ranks, _magnitudes)
     if sparsify == "magnitude":
         return tuple(m >= thresholds[0, k] for k, m in enumerate(magnitudes))
     # outliers: drop the n_top largest magnitudes, keep the next ones down to ranks[1]
@@ -212,8 +223,7 @@ def sparse_task_vector(ctx: LeafContext, base: Array, models: tuple[Array, ...],
                        density: float, gamma: float, epsilon: float, rescale: str, topk: str,
                        elect: str, disjoint: str, normalize: bool, rank_axis: int) -> Array:
     """The whole pipeline for one leaf: ``scale * combine(elect(sparsify(tau)))``."""
-    taus = tuple(x - base for x in models)
-    taus = _sparsified(ctx, taus, sparsify=sparsify, scope=scope, density=density,
+    taus = _sparsified(ctx, base, models, sparsify=sparsify, scope=scope, density=density,
                        gamma=gamma, epsilon=epsilon, rescale=rescale, topk=topk,
                        rank_axis=rank_axis)
     weighted = tuple(weights[k] * t for k, t in enumerate(taus))
@@ -309,7 +319,7 @@ def ties_task_vector(ctx: LeafContext, base: Array, models: tuple[Array, ...], *
     """
     if not 0 <= task < len(models):
         raise MergeError(f"task must be in [0, {len(models)}), got {task!r}")
-    taus = _sparsified(ctx, tuple(x - base for x in models), sparsify="magnitude",
+    taus = _sparsified(ctx, base, models, sparsify="magnitude",
                        scope=scope, density=density, gamma=0.0, epsilon=0.0, rescale="none",
                        topk=topk, rank_axis=-1)
     sign = stages.elect_sign(taus, elect)
@@ -623,8 +633,8 @@ def localize_stitch(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
         merged = mergejax.localize_stitch(base, [ft_a, ft_b, ft_c], density=0.05)
     """
     taus = tuple(x - base for x in models)
-    masks = _magnitude_masks(ctx, taus, sparsify="magnitude", scope=scope, density=density,
-                             gamma=0.0, topk=topk)
+    masks = _magnitude_masks(ctx, base, models, sparsify="magnitude", scope=scope,
+                             density=density, gamma=0.0, topk=topk)
     total = functools.reduce(jnp.add, (jnp.where(m, t, 0.0) for t, m in zip(taus, masks)))
     count = functools.reduce(jnp.add, (m.astype(jnp.float32) for m in masks))
     return base + total / jnp.maximum(count, 1.0)

@@ -111,22 +111,27 @@ def _from_key(key: Array) -> Array:
 _DROP = 1 << 30  # a bin index past every histogram: the entry is not counted
 
 
-def _histograms(acc: Array | None, values: tuple[Array, ...], bins_fn, width: int,
-                rows: int = 1, stride: int = 1) -> Array:
+def _histograms(acc: Array | None, inputs: tuple[Array, ...], values_of, bins_fn,
+                width: int, rows: int = 1, stride: int = 1) -> Array:
     """Adds histograms of ``width`` bins to ``acc`` (``(rows * K, width)`` int32): for row
     ``i`` and task ``k``, of ``bins_fn(keys_k, i, k)`` where ``keys_k`` are the order keys
-    of ``values[k][::stride]``; `_DROP` indices are not counted.
+    of ``values_of(inputs)[k]`` (elementwise in the inputs) at every ``stride``-th entry;
+    `_DROP` indices are not counted.
 
-    One scatter per (row, task), written once inside a loop over tasks that picks the
-    task's array with `lax.switch`: XLA:CPU compiles a scatter in ~20 ms, and a model has
-    hundreds of leaves, so K unrolled scatters per leaf made compilation minutes long.
+    One scatter per (row, task), written once inside a loop over tasks that computes the
+    task's values from the (strided) inputs in a `lax.switch` branch: XLA:CPU compiles a
+    scatter in ~20 ms, and a model has hundreds of leaves, so K unrolled scatters per leaf
+    made compilation minutes long.
     """
-    k = len(values)
+    if stride > 1:
+        inputs = tuple(x.reshape(-1)[::stride] for x in inputs)
+    k = len(jax.eval_shape(values_of, inputs))
     if acc is None:
         acc = jnp.zeros((rows * k, width), jnp.int32)
+    branches = [lambda m=m: values_of(inputs)[m] for m in range(k)]
 
     def task(j, acc):
-        keys = order_key(lax.switch(j, [lambda v=v: v for v in values]))[::stride]
+        keys = order_key(lax.switch(j, branches))
         for i in range(rows):
             row = i * k + j
             acc = acc.at[row].set(acc[row].at[bins_fn(keys, i, j)].add(1, mode="drop"))
@@ -393,34 +398,45 @@ def _live(ranks: tuple[int, ...], size: int) -> tuple[int, ...]:
     return tuple(r for r in ranks if 0 < r <= size)
 
 
-def select_thresholds(values: tuple[Array, ...], ranks: tuple[int, ...]) -> Array:
-    """``(R, K)``: for each of the K arrays, its ``ranks[i]``-th largest entry (exact).
+def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
+                      values_of=_identity) -> Array:
+    """``(R, K)``: for each of the K arrays ``values_of(inputs)``, its ``ranks[i]``-th
+    largest entry (exact).
+
+    ``values_of`` is elementwise in the inputs (e.g. ``|base - x_k|`` from ``(base,
+    *models)``; by default the inputs are the values): every pass reads the inputs
+    through it, so the values are never materialised (XLA:CPU would write them to fresh
+    memory and keep them alive as loop operands).
 
     A strided sample, then one histogram pass over a window around the sample's estimate;
     two exact radix passes when the window missed (`lax.cond`: they run only then).
     Inputs of up to 2**18 entries go straight to the exact radix passes, and up to 2**12
     entries to a sort (cheaper there than 65536-bin histograms, to run and to compile), as
-    do float64 inputs (the radix keys are float32).
+    do float64 values (the radix keys are float32).
     """
-    size, k = values[0].size, len(values)
+    shapes = jax.eval_shape(values_of, inputs)
+    size, k = shapes[0].size, len(shapes)
     live = _live(ranks, size)
     if not live:
         return _edges(jnp.zeros((0, k)), ranks, size, k)
-    if size <= _SORT_MAX or values[0].dtype == jnp.float64:
+    if size <= _SORT_MAX or shapes[0].dtype == jnp.float64:
+        values = values_of(inputs)
         ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
         return _edges(jnp.stack([ordered[:, size - r] for r in live]), ranks, size, k)
 
     def radix(_):
-        high = _histograms(None, values, _high_bins, _BINS)
+        high = _histograms(None, inputs, values_of, _high_bins, _BINS)
         high_bins = _radix_high_bins(high, live)
-        low = _histograms(None, values, _low_bins(high_bins), _BINS, rows=len(live))
+        low = _histograms(None, inputs, values_of, _low_bins(high_bins), _BINS,
+                          rows=len(live))
         return _radix_thresholds(high, low, live)
 
     if size <= _SAMPLE:
         return _edges(radix(None), ranks, size, k)
-    sample = _histograms(None, values, _high_bins, _BINS, stride=sample_stride(size))
+    sample = _histograms(None, inputs, values_of, _high_bins, _BINS,
+                         stride=sample_stride(size))
     window = centred_window(sample, live, size)
-    hist = _window_histograms(None, values, _identity, window)
+    hist = _window_histograms(None, inputs, values_of, window)
     thresholds, found = window_thresholds(hist, window[0], live)
     return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
 
@@ -437,9 +453,9 @@ def kth_largest(x: Array, rank: int | Array) -> Array:
         value = ordered[x.size - jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)]
         return jnp.where(rank <= 0, jnp.inf, jnp.where(rank > x.size, -jnp.inf, value))
     r = jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)
-    high = _histograms(None, (x,), _high_bins, _BINS)[0]
+    high = _histograms(None, (x,), _identity, _high_bins, _BINS)[0]
     b, inside = _select_bin(high, r)
-    low = _histograms(None, (x,), _low_bins(b.reshape(1, 1)), _BINS)[0]
+    low = _histograms(None, (x,), _identity, _low_bins(b.reshape(1, 1)), _BINS)[0]
     lo, _ = _select_bin(low, inside)
     value = _from_key((b.astype(jnp.uint32) << _HALF) | lo.astype(jnp.uint32))
     return jnp.where(rank <= 0, jnp.inf, jnp.where(rank > x.size, -jnp.inf, value))
@@ -554,7 +570,7 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
         return StatisticsPass(update, done, active)
 
     def sample_add(ctx, ranks):
-        return lambda h, v: _histograms(h, _leaf_values(v), _high_bins, _BINS)
+        return lambda h, v: _histograms(h, *v(), _high_bins, _BINS)
 
     def window_add(ctx, ranks):
         window = ctx.stats[-1]
@@ -563,15 +579,14 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
     def high_add(ctx, ranks):
         _, found = ctx.stats[-1]
         return lambda h, v: lax.cond(found, lambda a: a,
-                                     lambda a: _histograms(a, _leaf_values(v), _high_bins,
-                                                           _BINS), h)
+                                     lambda a: _histograms(a, *v(), _high_bins, _BINS), h)
 
     def low_add(ctx, ranks):
         _, found = ctx.stats[-2]
         high_bins = _radix_high_bins(ctx.stats[-1], ranks)
         return lambda h, v: lax.cond(
             found, lambda a: a,
-            lambda a: _histograms(a, _leaf_values(v), _low_bins(high_bins), _BINS,
+            lambda a: _histograms(a, *v(), _low_bins(high_bins), _BINS,
                                   rows=len(ranks)), h)
 
     bins = lambda width, rows=False: (  # noqa: E731
