@@ -44,8 +44,8 @@ from mergejax.tree import (
     is_float,
 )
 
-__all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "leaf_key",
-           "leafwise"]
+__all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "as_stored",
+           "leaf_key", "leafwise"]
 
 REQUIRED = registry.REQUIRED
 
@@ -60,12 +60,40 @@ class LeafContext(NamedTuple):
         (all of them, in a kernel); empty for a method without statistics.
       total_size: the number of entries in all merged leaves together (for model-wide
         ranks such as a global top-k).
+      stored_dtype: the dtype the leaf's inputs are stored in, before the engine upcasts
+        them for the kernel (None: as the kernel gets them); see `as_stored`.
     """
 
     path: str
     key: jax.Array | None
     stats: tuple[Any, ...]
     total_size: int
+    stored_dtype: Any = None
+
+
+def as_stored(ctx: LeafContext, arrays: Sequence[jax.Array]
+              ) -> tuple[tuple[jax.Array, ...], Callable[[Sequence[jax.Array]],
+                                                          tuple[jax.Array, ...]]]:
+    """``(stored, upcast)``: a kernel's inputs cast back to ``ctx.stored_dtype`` (exact:
+    they were upcast from it) and the function that upcasts such arrays again.
+
+    XLA folds the convert pair, so a loop (or `lax.cond`) that reads ``stored`` and
+    upcasts inside its body reads the stored arrays, where reading the kernel's inputs
+    makes XLA materialise a float32 copy of each as the loop's operand (for bfloat16
+    inputs, the copies doubled the time of a per-tensor top-k).
+
+    Example::
+
+        stored, upcast = as_stored(ctx, (base, *models))
+        thresholds = stages.select_thresholds(stored, ranks, lambda s: magnitudes(upcast(s)))
+    """
+    arrays = tuple(arrays)
+    dtype = ctx.stored_dtype
+    if dtype is None or all(x.dtype == dtype for x in arrays):
+        return arrays, tuple
+    compute = [x.dtype for x in arrays]
+    return (tuple(x.astype(dtype) for x in arrays),
+            lambda stored: tuple(x.astype(d) for x, d in zip(stored, compute)))
 
 
 class StatisticsPass(NamedTuple):
@@ -372,20 +400,22 @@ def raise_not_finite(name: str, path: str, base: Any, models: Sequence[Any],
 
 def leaf_inputs(path: str, static: tuple[tuple[str, Any], ...], base: Any,
                 models: Sequence[Any], coefficients: dict[str, Any]):
-    """``(path, base, models, hparams)`` of one leaf as its kernel gets them: inputs upcast
-    to float32 (or wider), static hyperparameters and this leaf's coefficients merged
-    into one dict. Shared by the in-memory engine and `mergejax.io.streaming`."""
+    """``(path, base, models, hparams, stored_dtype)`` of one leaf as its kernel gets them:
+    inputs upcast to float32 (or wider), static hyperparameters and this leaf's
+    coefficients merged into one dict, and the inputs' own dtype (for the kernel's
+    `LeafContext`). Shared by the in-memory engine and `mergejax.io.streaming`."""
     cdt = jnp.promote_types(models[0].dtype, jnp.float32)
     hp = dict(static)
     hp.update({n: jnp.asarray(c).astype(cdt) for n, c in coefficients.items()})
     return (path, base.astype(cdt) if base is not None else None,
-            tuple(x.astype(cdt) for x in models), hp)
+            tuple(x.astype(cdt) for x in models), hp, models[0].dtype)
 
 
 def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
                    total_size: int) -> tuple[Any, ...]:
     """Runs ``method.statistics`` pass after pass; ``leaves(statistics_pass)`` starts a new
-    iteration over ``(path, base, models, hparams, key)`` of the merged leaves that the
+    iteration over ``(path, base, models, hparams, stored_dtype, key)`` of the merged
+    leaves that the
     pass `wants` (in memory, or read from disk again for each pass by
     `mergejax.io.streaming`; it may also give every leaf). Returns ``ctx.stats``."""
     stats: tuple[Any, ...] = ()
@@ -393,9 +423,9 @@ def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
         if not isinstance(statistics_pass, StatisticsPass):
             statistics_pass = _summed(statistics_pass)
         acc = None
-        for path, base, xs, hp, key in leaves(statistics_pass):
-            acc = statistics_pass.update(LeafContext(path, key, stats, total_size), acc, base,
-                                         xs, **hp)
+        for path, base, xs, hp, stored_dtype, key in leaves(statistics_pass):
+            ctx = LeafContext(path, key, stats, total_size, stored_dtype)
+            acc = statistics_pass.update(ctx, acc, base, xs, **hp)
         stats = stats + (statistics_pass.finalize(LeafContext("", None, stats, total_size),
                                                   acc),)
     return stats
@@ -414,17 +444,18 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
                           model_leaves[j], {n: c[j] for n, c in coefficients.items()})
               for j, (path, static) in enumerate(plan)]
-    total_size = sum(xs[0].size for _, _, xs, _ in inputs)
-    keys = _leaf_keys(key, [path for path, _, _, _ in inputs])
+    total_size = sum(xs[0].size for _, _, xs, _, _ in inputs)
+    keys = _leaf_keys(key, [path for path, *_ in inputs])
     stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
                            total_size)
 
     if method.batched:
         outs = _batched_kernels(method, plan, out_dtypes, inputs, keys, stats, total_size)
     else:
-        outs = [method.kernel(LeafContext(path, k, stats, total_size), base, xs,
+        outs = [method.kernel(LeafContext(path, k, stats, total_size, stored), base, xs,
                               **hp).astype(out_dtype)
-                for (path, base, xs, hp), out_dtype, k in zip(inputs, out_dtypes, keys)]
+                for (path, base, xs, hp, stored), out_dtype, k in zip(inputs, out_dtypes,
+                                                                     keys)]
     peaks = [jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)
              for out in outs] if check_finite else []
     return outs, (peaks if check_finite else None)
@@ -438,24 +469,25 @@ def _batched_kernels(method: MergeMethod, plan, out_dtypes, inputs, keys, stats,
     group's inputs once; the kernel sees ``ctx.path`` of the group's first leaf."""
     groups: dict[Any, list[int]] = {}
     for j, ((path, static), out_dtype) in enumerate(zip(plan, out_dtypes)):
-        _, base, xs, _ = inputs[j]
+        _, base, xs, _, _ = inputs[j]
         key = (xs[0].shape, xs[0].dtype.name, static, out_dtype)
         if callable(method.batched):
             key += (method.batched(path, xs[0].shape, dict(static)),)
         groups.setdefault(key, []).append(j)
     outs: list[Any] = [None] * len(inputs)
     for members in groups.values():
-        path, base, xs, hp = inputs[members[0]]
+        path, base, xs, hp, stored = inputs[members[0]]
         static = dict(plan[members[0]][1])
         coefficient_names = [n for n in hp if n not in static]
         key = keys[members[0]]
         if len(members) == 1:
-            out = method.kernel(LeafContext(path, key, stats, total_size), base, xs, **hp)
+            out = method.kernel(LeafContext(path, key, stats, total_size, stored), base, xs,
+                                **hp)
             outs[members[0]] = out.astype(out_dtypes[members[0]])
             continue
 
-        def one(base, xs, coefficients, key, path=path, static=static):
-            return method.kernel(LeafContext(path, key, stats, total_size), base, xs,
+        def one(base, xs, coefficients, key, path=path, static=static, stored=stored):
+            return method.kernel(LeafContext(path, key, stats, total_size, stored), base, xs,
                                  **static, **coefficients)
 
         stack = lambda get, members=members: jnp.stack([get(inputs[j]) for j in members])

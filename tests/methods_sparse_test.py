@@ -430,11 +430,13 @@ def test_select_thresholds_matches_sort(seed, n, kinds):
 _kth_traced = jax.jit(stages.kth_largest)
 
 
-def ref_window_histogram(keys: np.ndarray, start: int, width: int) -> np.ndarray:
-    """Counts of every key in [start << 16, (start + width) << 16), then the count above."""
+def ref_window_histogram(keys: np.ndarray, start: int, width: int, shift: int = 0
+                         ) -> np.ndarray:
+    """Counts of the keys in [start << 16, (start + width) << 16) in bins of 2**shift
+    keys (`_FINE` bins), then the count above."""
     first, span = start << 16, width << 16
     keys = keys.astype(np.int64)
-    inside = keys[(keys >= first) & (keys < first + span)] - first
+    inside = (keys[(keys >= first) & (keys < first + span)] - first) >> shift
     hist = np.bincount(inside, minlength=stages._FINE + 1)  # noqa: SLF001
     hist[stages._FINE] = np.sum(keys >= first + span)  # noqa: SLF001
     return hist
@@ -520,12 +522,101 @@ def test_window_histograms_count_the_candidate_rows_exactly(case):
                      for k, (start, width) in zip(keys, windows)])
     start_from = jnp.broadcast_to(jnp.arange(stages._FINE + 1, dtype=jnp.int32),  # noqa: SLF001
                                   want.shape)
-    window = tuple(jnp.asarray([[w[i] for w in windows]], jnp.int32) for i in range(2))
+    window = stages.high_bin_window(*(jnp.asarray([[w[i] for w in windows]], jnp.int32)
+                                      for i in range(2)))
     # The values are the inputs in reverse order (no arithmetic: XLA:CPU flushes the
     # subnormal floats near 0.0 to zero).
     got = _window_hists(start_from, tuple(jnp.asarray(f) for f in floats[::-1]), _reverse,
                         window)
     np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
+
+
+def test_window_histograms_bin_a_shifted_window():
+    """A window of 16 high bins in fine bins of 4 keys (shift 2), as `spread_window` gives
+    for values with few distinct magnitudes, against a NumPy histogram."""
+    n = 32 * 5000
+    start, width, shift = 0x9000, 16, 2
+    keys = _window_case_keys("sparse", n, start, width, 3)
+    floats_ = np.where(keys >> 31 == 1, keys & 0x7FFFFFFF, ~keys & 0xFFFFFFFF).astype(
+        np.uint32).view(np.float32)
+    window = stages.high_bin_window(jnp.asarray([[start]]), jnp.asarray([[width]]))
+    window = window._replace(shift=jnp.asarray([[shift]], jnp.uint32))
+    got = _window_hists(None, (jnp.asarray(floats_),), stages._identity, window)  # noqa: SLF001
+    want = ref_window_histogram(keys.astype(np.uint32), start, width, shift)
+    assert want[:stages._FINE].sum() > 0  # noqa: SLF001
+    np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+def _ulp_deltas(seed: int, k: int = 1, shape=(1024, 512)):
+    """bfloat16 weights and k fine-tunes that moved them by about one ulp: |tau| takes few
+    distinct values, most high bins near a rank are empty."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape).astype(np.float32)
+    models = [(base + 0.01 * rng.standard_normal(shape)).astype(ml_dtypes.bfloat16)
+              for _ in range(k)]
+    return base.astype(ml_dtypes.bfloat16), models
+
+
+@pytest.mark.parametrize("seed,jitter", [(0, False), (1, False), (3, True), (4, True)])
+def test_select_thresholds_is_exact_where_few_distinct_values_need_a_wide_window(seed,
+                                                                              jitter):
+    """These leaves' ranks missed a 4-bin window (and fell back to the radix passes): the
+    spread window holds them in wider, shifted bins, the refinement pass gives the exact
+    value, no fallback. Differences of bfloat16 values are the first key of their fine
+    bin; ``jitter`` sets random low bits, so that only the refinement finds the key."""
+    base, (model,) = _ulp_deltas(seed)
+    mags = np.abs(base.astype(np.float32) - model.astype(np.float32))
+    if jitter:
+        low = np.random.default_rng(seed).integers(0, 8, mags.shape, dtype=np.uint32)
+        mags = (mags.view(np.uint32) | np.where(mags > 0, low, 0)).view(np.float32)
+    values = (jnp.asarray(mags),)
+    n = values[0].size
+    ranks = (n // 5, n // 2)
+    sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
+                                stages._high_bins, stages._BINS,  # noqa: SLF001
+                                stride=stages.sample_stride(n))
+    assert int(jnp.max(stages.spread_window(sample, ranks, n).shift)) > 0
+    assert _window_found(values, ranks)
+    got = np.asarray(_select(values, ranks))[:, 0]
+    np.testing.assert_array_equal(
+        got, [ref_kth_largest(np.asarray(values[0], np.float64), r) for r in ranks])
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_ties_on_bfloat16_leaves_reads_the_stored_inputs(scope):
+    """bfloat16 leaves over the sample size take the sampled window reading the stored
+    inputs (`as_stored`): the result is the float32 merge of the same values rounded to
+    bfloat16, bit for bit, and the NumPy reference's within bfloat16's rounding."""
+    base, models = _ulp_deltas(7, k=2)
+    kw = dict(density=0.2, scope=scope, topk="mergekit")
+    got = jax.jit(lambda b, ms: mergejax.ties(b, ms, **kw))(
+        {"w": jnp.asarray(base)}, [{"w": jnp.asarray(m)} for m in models])["w"]
+    assert got.dtype == jnp.bfloat16
+    wide = jax.jit(lambda b, ms: mergejax.ties(b, ms, **kw))(
+        {"w": jnp.asarray(base, jnp.float32)},
+        [{"w": jnp.asarray(m, jnp.float32)} for m in models])["w"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(wide.astype(jnp.bfloat16)))
+    b = base.astype(np.float64)
+    taus = [m.astype(np.float64) - b for m in models]
+    kept = [np.where(ref_topk_keep(np.abs(t), int(0.2 * t.size)), t, 0.0) for t in taus]
+    expected = b + ref_combine(kept, [1.0, 1.0], "mass", "mean")
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=8e-3, atol=1e-6)
+
+
+def test_as_stored_casts_back_exactly_and_upcasts_again():
+    base, (model,) = _ulp_deltas(2, shape=(5, 3))
+    up = (jnp.asarray(base, jnp.float32), jnp.asarray(model, jnp.float32))
+    ctx = method_lib.LeafContext("w", None, (), 15, jnp.dtype(jnp.bfloat16))
+    stored, upcast = method_lib.as_stored(ctx, up)
+    assert [x.dtype for x in stored] == [jnp.bfloat16, jnp.bfloat16]
+    np.testing.assert_array_equal(np.asarray(stored[1]), model)
+    again = upcast(stored)
+    assert [x.dtype for x in again] == [jnp.float32, jnp.float32]
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(up[0]))
+    same, identity = method_lib.as_stored(ctx._replace(stored_dtype=None), up)
+    assert same[0] is up[0] and identity(same)[1] is up[1]
 
 
 @settings(max_examples=16, deadline=None, derandomize=True)
@@ -558,9 +649,9 @@ def _window_found(values, ranks):
     sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
                                 stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
-    window = stages.centred_window(sample, ranks, n)
+    window = stages.spread_window(sample, ranks, n)
     hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001
-    return bool(jnp.all(stages.window_thresholds(hist, window[0], ranks)[1]))
+    return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1]))
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])

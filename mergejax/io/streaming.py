@@ -295,9 +295,9 @@ def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeM
                 check_finite: bool):
     """One tensor's merge: the method's kernel on the upcast inputs, cast to ``out_dtype``,
     and its ``max|out|`` when ``check_finite`` (the in-memory engine's per-leaf work)."""
-    path, base, xs, hp = leaf_inputs(path, static, base, models, coefficients)
+    path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
     stats = _join_stats(stats_arrays, stats_static)
-    out = method.kernel(LeafContext(path, key, stats, total_size), base, xs, **hp)
+    out = method.kernel(LeafContext(path, key, stats, total_size, stored), base, xs, **hp)
     out = out.astype(out_dtype)
     peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
         if check_finite else None

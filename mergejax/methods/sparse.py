@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import registry
-from mergejax.method import REQUIRED, LeafContext, leafwise
+from mergejax.method import REQUIRED, LeafContext, as_stored, leafwise
 from mergejax.methods import stages
 from mergejax.methods.masking import ModulatedMerge, modulated_merge
 from mergejax.tree import MergeError
@@ -210,7 +210,9 @@ def _magnitude_masks(ctx: LeafContext, base: Array, models: tuple[Array, ...], *
     else:
         ranks = _ranks(base.size, sparsify=sparsify, density=density, gamma=gamma,
                        topk=topk)
-        thresholds = stages.select_thresholds((base, *models), ranks, _magnitudes)
+        stored, upcast = as_stored(ctx, (base, *models))
+        thresholds = stages.select_thresholds(stored, ranks,
+                                              lambda inputs: _magnitudes(upcast(inputs)))
     if sparsify == "magnitude":
         return tuple(m >= thresholds[0, k] for k, m in enumerate(magnitudes))
     # outliers: drop the n_top largest magnitudes, keep the next ones down to ranks[1]

@@ -25,7 +25,9 @@ sample, and up to 2**12 (or float64 inputs) are sorted.
 A global (model-wide) threshold folds the histograms over leaves
 (`global_threshold_passes`), so it needs no concatenated copy of the model; its window is
 narrowed to the sample's rank +- 4 standard deviations (1-4 bins). Per tensor the window
-is 4 bins centred on the sample's estimate. Either way the window pass histograms only
+covers the same rank range in 4 to 64 bins (`spread_window`): where it needs more than 4,
+its fine bins hold several keys and a second, narrow pass over the fine bin holding the
+rank gives the exact value. Either way the window pass histograms only
 the rows of 16 entries that hold a key inside the window: a row test, the candidate rows
 compacted, then a loop over chunks of them, so its cost follows the number of candidates.
 
@@ -50,12 +52,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mergejax.method import StatisticsPass
+from mergejax.method import StatisticsPass, as_stored
 from mergejax.tree import MergeError
 
 __all__ = [
@@ -190,6 +193,24 @@ _SAMPLE = 1 << 18
 _SORT_MAX = 1 << 12  # up to this many entries a sort is cheaper (to run and compile)
 _WINDOW = 4
 _FINE = _WINDOW * _BINS
+_MAX_SHIFT = 4  # a per-tensor window spans up to _WINDOW << _MAX_SHIFT high bins
+_REFINE = 1 << _MAX_SHIFT  # keys in one fine bin of the widest window
+
+
+class Window(NamedTuple):
+    """Each rank's and task's window of order keys, ``(R, K)`` uint32 arrays: the keys in
+    ``[first, first + span)`` are histogrammed in fine bins of ``2**shift`` keys (shift 0:
+    a bin per key, which gives the exact value), and the keys above are counted."""
+
+    first: Array
+    span: Array
+    shift: Array
+
+
+def high_bin_window(starts: Array, widths: Array) -> Window:
+    """The `Window` of ``widths`` high bins from high bin ``starts``, a bin per key."""
+    first = starts.astype(jnp.uint32) << _HALF
+    return Window(first, widths.astype(jnp.uint32) << _HALF, jnp.zeros_like(first))
 
 
 def sample_stride(size: int) -> int:
@@ -219,32 +240,50 @@ def _centred(centre: Array) -> Array:
     return jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
 
 
-def centred_window(sample_hist: Array, ranks: tuple[int, ...], size: int
-                   ) -> tuple[Array, Array]:
-    """``(starts, widths)``, each ``(R, K)``: each rank's window of `_WINDOW` high bins
-    centred on the sample's estimate, from the sample's high-bin histograms ``(K,
-    _BINS)`` (the per-tensor window: a leaf's own sample needs about 4 bins for +-4
-    standard deviations, as measured on ViT-B/32 shapes, and a fixed width misses less
-    often)."""
-    hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
-    starts = _centred(_sample_bin(hist, counts, scaled))
-    return starts, jnp.full_like(starts, _WINDOW)
-
-
-def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int
-                  ) -> tuple[Array, Array]:
-    """``(starts, widths)``, each ``(R, K)``: the first high bin of each rank's window and
-    its number of bins (1 to 4), for the gathered (model-wide) window pass, which wants
-    few candidate rows. The window spans the high bins of the sample ranks ``s +- 4
-    sqrt(s (1 - s / m))`` (``s`` the wanted rank scaled to the ``m`` sampled entries);
-    where that needs more than `_WINDOW` bins, the `centred_window`."""
+def _spread_bins(sample_hist: Array, ranks: tuple[int, ...], size: int
+                 ) -> tuple[Array, Array, Array]:
+    """``(bottom, top, centre)``, each ``(R, K)``: the high bins of the sample ranks ``s +
+    spread``, ``s - spread`` and ``s``, where ``s`` is the wanted rank scaled to the ``m``
+    sampled entries and ``spread = 4 sqrt(s (1 - s / m)) + 1`` (4 standard deviations)."""
     hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
     spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
     top = _sample_bin(hist, counts, scaled - spread)  # higher keys: smaller ranks
     bottom = _sample_bin(hist, counts, scaled + spread)
+    return bottom, top, _sample_bin(hist, counts, scaled)
+
+
+def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Window:
+    """Each rank's window of 1 to 4 high bins, for the model-wide window pass, which wants
+    few candidate rows: the high bins of the sample ranks ``s +- 4`` standard deviations
+    (`_spread_bins`); where that needs more than `_WINDOW` bins, `_WINDOW` bins centred
+    on the sample's estimate."""
+    bottom, top, centre = _spread_bins(sample_hist, ranks, size)
     fits = top - bottom < _WINDOW
-    wide = _centred(_sample_bin(hist, counts, scaled))
-    return jnp.where(fits, bottom, wide), jnp.where(fits, top - bottom + 1, _WINDOW)
+    return high_bin_window(jnp.where(fits, bottom, _centred(centre)),
+                           jnp.where(fits, top - bottom + 1, _WINDOW))
+
+
+def spread_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Window:
+    """Each rank's per-tensor window: ``_WINDOW << shift`` high bins around the sample
+    ranks ``s +- 4`` standard deviations (`_spread_bins`), with the smallest shift (0 to
+    `_MAX_SHIFT`) that holds them, in `_FINE` fine bins of ``2**shift`` keys.
+
+    A shift above 0 needs `refined_window` for the exact value. Values with few distinct
+    magnitudes (task vectors of bfloat16 weights: multiples of a few ulps) leave most high
+    bins near the rank empty, so 4 standard deviations of rank can span tens of bins:
+    4 bins missed 8 of 12 such leaves (each miss an exact radix fallback, ~7 ns per
+    entry). Wider than `_WINDOW << _MAX_SHIFT` bins: `_WINDOW` bins centred on the
+    estimate.
+    """
+    bottom, top, centre = _spread_bins(sample_hist, ranks, size)
+    needed = top - bottom + 1
+    shift = sum((needed > (_WINDOW << s)).astype(jnp.int32) for s in range(_MAX_SHIFT))
+    fits = needed <= _WINDOW << _MAX_SHIFT
+    width = _WINDOW << jnp.where(fits, shift, 0)
+    start = jnp.where(fits, bottom - (width - needed) // 2, _centred(centre))
+    start = jnp.clip(start, 0, _BINS - width)
+    window = high_bin_window(start, width)
+    return window._replace(shift=jnp.where(fits, shift, 0).astype(jnp.uint32))
 
 
 _ROW = 16  # entries per row of the window pass's row test
@@ -270,11 +309,10 @@ def _identity(values: tuple[Array, ...]) -> tuple[Array, ...]:
 
 
 def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
-                       window: tuple[Array, Array]) -> Array:
+                       window: Window, bins: int = _FINE) -> Array:
     """Adds the window histograms of the K arrays ``values_of(inputs)`` to ``acc`` (``(R *
-    K, _FINE + 1)``; row ``i * K + j``: rank i, task j): the count of each key in ``[first,
-    first + span)`` (``first = starts[i, j] << 16``, ``span = widths[i, j] << 16``) at full
-    resolution, then the count above.
+    K, bins + 1)``, zeros if None; row ``i * K + j``: rank i, task j): the count of keys
+    in each fine bin of the `Window` (``(key - first) >> shift``), then the count above.
 
     ``values_of`` is elementwise (e.g. ``|base - x_k|`` from ``inputs = (base, *models)``),
     so neither the values nor their keys are materialised: a row test per rank and task
@@ -286,16 +324,15 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
     costs ~3.4 ns per update on XLA:CPU, dropped ones included, so the work follows the
     number of candidates.
     """
-    starts, widths = window
-    n_ranks, k = starts.shape
+    n_ranks, k = window.first.shape
     if acc is None:
-        acc = jnp.zeros((n_ranks * k, _FINE + 1), jnp.int32)
+        acc = jnp.zeros((n_ranks * k, bins + 1), jnp.int32)
+    bins = acc.shape[-1] - 1
     n = inputs[0].size
     rows = -(-n // _ROW)
     tables = tuple(jnp.pad(x.reshape(-1), (0, rows * _ROW - n)).reshape(rows, _ROW)
                    for x in inputs)
-    firsts = starts.astype(jnp.uint32) << _HALF
-    spans = widths.astype(jnp.uint32) << _HALF
+    firsts, spans, shifts = window
     # Not padding (which may count above a window; padded candidates are dropped when
     # gathered).
     real = (lax.broadcasted_iota(jnp.int32, (rows, _ROW), 0) * _ROW
@@ -322,6 +359,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
     def rank_and_task(row_of_acc, acc):
         j = row_of_acc % k
         first, span = firsts.reshape(-1)[row_of_acc], spans.reshape(-1)[row_of_acc]
+        shift = shifts.reshape(-1)[row_of_acc]
         candidate = candidates[row_of_acc].astype(jnp.int32)
         slot = jnp.where(candidate > 0, _exclusive_prefix(candidate), slots)
         row = jnp.zeros(slots, jnp.int32).at[slot].set(
@@ -333,11 +371,11 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
             live = (c * chunk + jnp.arange(chunk) < count)[:, None]
             offset = order_key(lax.switch(j, task_values(picked))).reshape(chunk, _ROW) - first
             keep = live & (picked[:, None] * _ROW + lanes < n) & (offset < span)
-            return hist.at[jnp.where(keep, offset.astype(jnp.int32), _DROP)].add(
+            return hist.at[jnp.where(keep, (offset >> shift).astype(jnp.int32), _DROP)].add(
                 1, mode="drop")
 
         hist = lax.fori_loop(0, (count + chunk - 1) // chunk, add_chunk, acc[row_of_acc])
-        return acc.at[row_of_acc].set(hist.at[_FINE].add(above[row_of_acc]))
+        return acc.at[row_of_acc].set(hist.at[bins].add(above[row_of_acc]))
 
     return lax.fori_loop(0, n_ranks * k, rank_and_task, acc)
 
@@ -347,19 +385,35 @@ def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
                                         jnp.int32)[:, None], (len(ranks), k))
 
 
-def window_thresholds(window_hist: Array, starts: Array, ranks: tuple[int, ...]
-                      ) -> tuple[Array, Array]:
-    """``(thresholds, found)``, each ``(R, K)``, from the window histograms
-    ``(R * K, _FINE + 1)`` of the windows starting at high bins ``starts``; ``found`` is
-    False where the rank is outside the window."""
-    n_ranks, k = starts.shape
-    hist = window_hist.reshape(n_ranks, k, _FINE + 1)
-    above, inside = hist[..., _FINE], hist[..., :_FINE]
+def _fine_bin_keys(window_hist: Array, window: Window, ranks: tuple[int, ...]
+                   ) -> tuple[Array, Array]:
+    """``(key, found)``, each ``(R, K)``: the first key of the fine bin holding each rank,
+    from the window histograms ``(R * K, bins + 1)``; ``found`` is False where the rank is
+    outside the window."""
+    n_ranks, k = window.first.shape
+    bins = window_hist.shape[-1] - 1
+    hist = window_hist.reshape(n_ranks, k, bins + 1)
+    above, inside = hist[..., bins], hist[..., :bins]
     rank = _ranks_array(ranks, k)
     found = (above < rank) & (rank <= above + jnp.sum(inside, axis=-1))
     fine, _ = _select_bin(inside, rank - above)
-    key = (starts.astype(jnp.uint32) << _HALF) + fine.astype(jnp.uint32)
+    return window.first + (fine.astype(jnp.uint32) << window.shift), found
+
+
+def window_thresholds(window_hist: Array, window: Window, ranks: tuple[int, ...]
+                      ) -> tuple[Array, Array]:
+    """``(thresholds, found)``, each ``(R, K)``, from the histograms of `_window_histograms`;
+    exact where the window's shift is 0 (else the lowest value of the fine bin:
+    `refined_window`); ``found`` is False where the rank is outside the window."""
+    key, found = _fine_bin_keys(window_hist, window, ranks)
     return _from_key(key), found
+
+
+def refined_window(window_hist: Array, window: Window, ranks: tuple[int, ...]) -> Window:
+    """The fine bin holding each rank, a bin per key: the window of a second pass that
+    makes a shifted window's thresholds exact."""
+    key, _ = _fine_bin_keys(window_hist, window, ranks)
+    return Window(key, jnp.uint32(1) << window.shift, jnp.zeros_like(key))
 
 
 def _radix_high_bins(high: Array, ranks: tuple[int, ...]) -> Array:
@@ -435,10 +489,19 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, inputs, values_of, _high_bins, _BINS,
                          stride=sample_stride(size))
-    window = centred_window(sample, live, size)
+    window = spread_window(sample, live, size)
     hist = _window_histograms(None, inputs, values_of, window)
-    thresholds, found = window_thresholds(hist, window[0], live)
-    return _edges(lax.cond(jnp.all(found), lambda _: thresholds, radix, None), ranks, size, k)
+    thresholds, found = window_thresholds(hist, window, live)
+
+    def refine(_):
+        fine = refined_window(hist, window, live)
+        return window_thresholds(_window_histograms(None, inputs, values_of, fine,
+                                                    bins=_REFINE), fine, live)[0]
+
+    def windowed(_):
+        return lax.cond(jnp.any(window.shift > 0), refine, lambda _: thresholds, None)
+
+    return _edges(lax.cond(jnp.all(found), windowed, radix, None), ranks, size, k)
 
 
 def kth_largest(x: Array, rank: int | Array) -> Array:
@@ -534,12 +597,12 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
     def live(ctx, hp):
         return _live(ranks_fn(ctx, **hp), ctx.total_size)
 
-    def full(ctx, base, models):
-        return (base, *models)
+    def full(ctx, inputs):
+        return inputs
 
-    def strided(ctx, base, models):
+    def strided(ctx, inputs):
         stride = sample_stride(ctx.total_size)
-        return tuple(x.reshape(-1)[::stride] for x in (base, *models))
+        return tuple(x.reshape(-1)[::stride] for x in inputs)
 
     def pass_(make_add, init, finalize, read=full):
         """A pass that folds every leaf with live ranks into a histogram; ``read`` gives
@@ -555,8 +618,13 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
                     f"scope='global' selects thresholds on float32 keys, which is not exact "
                     f"for float64 inputs (at '{ctx.path}'); use scope='tensor'")
             add = make_add(ctx, ranks)
-            thunk = lambda: (read(ctx, base, models),  # noqa: E731
-                             lambda inputs: values_fn(ctx, inputs[0], inputs[1:], **hp))
+            stored, upcast = as_stored(ctx, (base, *models))
+
+            def values_of(inputs):
+                inputs = upcast(inputs)
+                return values_fn(ctx, inputs[0], inputs[1:], **hp)
+
+            thunk = lambda: (read(ctx, stored), values_of)  # noqa: E731
             state = _fold(None if acc is None else acc[2], (base.size, thunk), add,
                           lambda: init(ranks, len(models)))
             return ranks, add, state
@@ -596,7 +664,7 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
               lambda ctx, ranks, h: narrow_window(h, ranks, ctx.total_size), read=strided),
         pass_(window_add, bins(_FINE + 1, rows=True),
               lambda ctx, ranks, h: (lambda t, f: (t, jnp.all(f)))(
-                  *window_thresholds(h, ctx.stats[-1][0], ranks))),
+                  *window_thresholds(h, ctx.stats[-1], ranks))),
         pass_(high_add, bins(_BINS), lambda ctx, ranks, h: h),
         pass_(low_add, bins(_BINS, rows=True),
               lambda ctx, ranks, h: jnp.where(ctx.stats[-2][1], ctx.stats[-2][0],
