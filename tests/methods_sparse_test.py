@@ -24,6 +24,7 @@ import pytest
 from _helpers import check_tree, floats, make_tree, walk, x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax import lax
 
 import mergejax
 from mergejax import MergeError, PathRules
@@ -559,19 +560,28 @@ def _ulp_deltas(seed: int, k: int = 1, shape=(1024, 512)):
     return base.astype(ml_dtypes.bfloat16), models
 
 
+def _ulp_magnitudes(inputs):
+    """|base - x| (float32) from bfloat16 ``(base, x)``, with the low bits of a third
+    input (uint32, 0 for none) set in the nonzero ones."""
+    base, x, low = inputs
+    mags = jnp.abs(base.astype(jnp.float32) - x.astype(jnp.float32))
+    bits = lax.bitcast_convert_type(mags, jnp.uint32)
+    return (lax.bitcast_convert_type(jnp.where(mags > 0, bits | low, bits), jnp.float32),)
+
+
 @pytest.mark.parametrize("seed,jitter", [(0, False), (1, False), (3, True), (4, True)])
 def test_select_thresholds_is_exact_where_few_distinct_values_need_a_wide_window(seed,
                                                                               jitter):
-    """These leaves' ranks missed a 4-bin window (and fell back to the radix passes): the
-    spread window holds them in wider, shifted bins, the refinement pass gives the exact
-    value, no fallback. Differences of bfloat16 values are the first key of their fine
-    bin; ``jitter`` sets random low bits, so that only the refinement finds the key."""
+    """These bfloat16 leaves' ranks missed a 4-bin window (and fell back to the radix
+    passes): the spread window holds them in wider, shifted bins, the refinement pass gives
+    the exact value, no fallback. Differences of bfloat16 values are the first key of
+    their fine bin; ``jitter`` sets random low bits, so that only the refinement finds
+    the key."""
     base, (model,) = _ulp_deltas(seed)
-    mags = np.abs(base.astype(np.float32) - model.astype(np.float32))
-    if jitter:
-        low = np.random.default_rng(seed).integers(0, 8, mags.shape, dtype=np.uint32)
-        mags = (mags.view(np.uint32) | np.where(mags > 0, low, 0)).view(np.float32)
-    values = (jnp.asarray(mags),)
+    low = np.random.default_rng(seed).integers(0, 8 if jitter else 1, base.shape,
+                                               dtype=np.uint32)
+    inputs = (jnp.asarray(base), jnp.asarray(model), jnp.asarray(low))
+    values = _ulp_magnitudes(inputs)
     n = values[0].size
     ranks = (n // 5, n // 2)
     sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
@@ -579,9 +589,10 @@ def test_select_thresholds_is_exact_where_few_distinct_values_need_a_wide_window
                                 stride=stages.sample_stride(n))
     assert int(jnp.max(stages.spread_window(sample, ranks, n).shift)) > 0
     assert _window_found(values, ranks)
-    got = np.asarray(_select(values, ranks))[:, 0]
+    got = np.asarray(jax.jit(lambda ins: stages.select_thresholds(ins, ranks,
+                                                                  _ulp_magnitudes))(inputs))
     np.testing.assert_array_equal(
-        got, [ref_kth_largest(np.asarray(values[0], np.float64), r) for r in ranks])
+        got[:, 0], [ref_kth_largest(np.asarray(values[0], np.float64), r) for r in ranks])
 
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])

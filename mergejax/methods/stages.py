@@ -247,9 +247,11 @@ def _spread_bins(sample_hist: Array, ranks: tuple[int, ...], size: int
     sampled entries and ``spread = 4 sqrt(s (1 - s / m)) + 1`` (4 standard deviations)."""
     hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
     spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
-    top = _sample_bin(hist, counts, scaled - spread)  # higher keys: smaller ranks
-    bottom = _sample_bin(hist, counts, scaled + spread)
-    return bottom, top, _sample_bin(hist, counts, scaled)
+    # One search for the three; higher keys have smaller ranks.
+    wanted = jnp.stack([scaled + spread, scaled - spread, scaled])
+    bottom, top, centre = _sample_bin(jnp.broadcast_to(hist, (3,) + hist.shape), counts,
+                                      wanted)
+    return bottom, top, centre
 
 
 def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Window:
@@ -263,27 +265,36 @@ def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Wind
                            jnp.where(fits, top - bottom + 1, _WINDOW))
 
 
-def spread_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Window:
-    """Each rank's per-tensor window: ``_WINDOW << shift`` high bins around the sample
-    ranks ``s +- 4`` standard deviations (`_spread_bins`), with the smallest shift (0 to
-    `_MAX_SHIFT`) that holds them, in `_FINE` fine bins of ``2**shift`` keys.
+def spread_window(sample_hist: Array, ranks: tuple[int, ...], size: int,
+                  max_shift: int = _MAX_SHIFT) -> Window:
+    """Each rank's per-tensor window. With ``max_shift`` 0: `_WINDOW` high bins at full
+    resolution centred on the sample's estimate (float32 values: on ViT-B/32 shapes the
+    sample ranks ``s +- 4`` standard deviations span 2 to 5 bins, and one search of the
+    sample compiles faster than three, ~0.1 s per leaf). Else around the high bins of
+    those ranks (`_spread_bins`, ``needed`` bins): `_WINDOW` bins centred on them where
+    ``needed <= 2 * _WINDOW`` (the 4 bins hold at least +-2 sigma); else ``_WINDOW <<
+    shift`` bins with the smallest shift (2 to ``max_shift``) that holds them, in `_FINE`
+    fine bins of ``2**shift`` keys, which `refined_window` makes exact; where more are
+    needed, the widest window centred on the sample's estimate.
 
-    A shift above 0 needs `refined_window` for the exact value. Values with few distinct
-    magnitudes (task vectors of bfloat16 weights: multiples of a few ulps) leave most high
-    bins near the rank empty, so 4 standard deviations of rank can span tens of bins:
-    4 bins missed 8 of 12 such leaves (each miss an exact radix fallback, ~7 ns per
-    entry). Wider than `_WINDOW << _MAX_SHIFT` bins: `_WINDOW` bins centred on the
-    estimate.
+    Values with few distinct magnitudes (task vectors of bfloat16 weights moved by about
+    an ulp: multiples of a few ulps) leave most high bins near the rank empty, so 4
+    standard deviations of rank span tens of bins: 4 centred bins missed 8 of 12 such
+    leaves, each miss running the exact radix fallback (~7 ns per entry).
     """
+    if max_shift == 0:
+        hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
+        start = _centred(_sample_bin(hist, counts, scaled))
+        return high_bin_window(start, jnp.full_like(start, _WINDOW))
     bottom, top, centre = _spread_bins(sample_hist, ranks, size)
     needed = top - bottom + 1
-    shift = sum((needed > (_WINDOW << s)).astype(jnp.int32) for s in range(_MAX_SHIFT))
-    fits = needed <= _WINDOW << _MAX_SHIFT
-    width = _WINDOW << jnp.where(fits, shift, 0)
-    start = jnp.where(fits, bottom - (width - needed) // 2, _centred(centre))
-    start = jnp.clip(start, 0, _BINS - width)
-    window = high_bin_window(start, width)
-    return window._replace(shift=jnp.where(fits, shift, 0).astype(jnp.uint32))
+    smallest = sum((needed > (_WINDOW << s)).astype(jnp.int32) for s in range(max_shift))
+    shift = jnp.where(needed > 2 * _WINDOW, smallest, 0)
+    fits = needed <= _WINDOW << max_shift
+    width = _WINDOW << shift
+    start = jnp.where(fits, bottom - (width - needed) // 2, centre - width // 2)
+    window = high_bin_window(jnp.clip(start, 0, _BINS - width), width)
+    return window._replace(shift=shift.astype(jnp.uint32))
 
 
 _ROW = 16  # entries per row of the window pass's row test
@@ -489,7 +500,12 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, inputs, values_of, _high_bins, _BINS,
                          stride=sample_stride(size))
-    window = spread_window(sample, live, size)
+    # Differences of low-precision floats take few distinct values (`spread_window`);
+    # float32 ones rarely do, and the refinement pass costs compile time and memory (per
+    # tensor TIES on ViT-B/32: compile 84 -> 146 s, peak +2.4 models' worth).
+    low_precision = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+                        for x in inputs)
+    window = spread_window(sample, live, size, _MAX_SHIFT if low_precision else 0)
     hist = _window_histograms(None, inputs, values_of, window)
     thresholds, found = window_thresholds(hist, window, live)
 
@@ -499,6 +515,8 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
                                                     bins=_REFINE), fine, live)[0]
 
     def windowed(_):
+        if not low_precision:
+            return thresholds
         return lax.cond(jnp.any(window.shift > 0), refine, lambda _: thresholds, None)
 
     return _edges(lax.cond(jnp.all(found), windowed, radix, None), ranks, size, k)
