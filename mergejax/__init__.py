@@ -70,6 +70,7 @@ _EXPORTS = {
     "LeafContext": "mergejax.method",
     "MergeMethod": "mergejax.method",
     "StatisticsPass": "mergejax.method",
+    "as_stored": "mergejax.method",
     "leaf_key": "mergejax.method",
     "leafwise": "mergejax.method",
     "karcher": "mergejax.methods.basic",
