@@ -415,8 +415,7 @@ def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
                    total_size: int) -> tuple[Any, ...]:
     """Runs ``method.statistics`` pass after pass; ``leaves(statistics_pass)`` starts a new
     iteration over ``(path, base, models, hparams, stored_dtype, key)`` of the merged
-    leaves that the
-    pass `wants` (in memory, or read from disk again for each pass by
+    leaves that the pass `wants` (in memory, or read from disk again for each pass by
     `mergejax.io.streaming`; it may also give every leaf). Returns ``ctx.stats``."""
     stats: tuple[Any, ...] = ()
     for statistics_pass in method.statistics:

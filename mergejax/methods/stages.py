@@ -25,9 +25,10 @@ sample, and up to 2**12 (or float64 inputs) are sorted.
 A global (model-wide) threshold folds the histograms over leaves
 (`global_threshold_passes`), so it needs no concatenated copy of the model; its window is
 narrowed to the sample's rank +- 4 standard deviations (1-4 bins). Per tensor the window
-covers the same rank range in 4 to 64 bins (`spread_window`): where it needs more than 4,
-its fine bins hold several keys and a second, narrow pass over the fine bin holding the
-rank gives the exact value. Either way the window pass histograms only
+is 4 bins centred on the sample's estimate; for inputs narrower than float32 it covers the
+rank +- 4 standard deviations in up to 64 bins (`spread_window`), whose fine bins then
+hold several keys, and a second, narrow pass over the fine bin holding the rank gives the
+exact value. Either way the window pass histograms only
 the rows of 16 entries that hold a key inside the window: a row test, the candidate rows
 compacted, then a loop over chunks of them, so its cost follows the number of candidates.
 
