@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import mergejax
 from mergejax import MergeError
+from mergejax.methods import basic
 
 SHAPES = {"dense/kernel": (4, 3), "dense/bias": (3,), "conv/kernel": (2, 3, 2)}
 PATHS = tuple(SHAPES)
@@ -284,6 +285,35 @@ def test_slerp_matches_reference(prec, mode, t):
         expected = {p: b[p] + ref_slerp(t, x0[p] - b[p], x1[p] - b[p]) for p in PATHS}
         like = base
     check_tree(out, expected, like, rtol=prec.rtol, atol=prec.atol)
+
+
+@pytest.mark.parametrize("cos", [0.3, -0.8])
+def test_slerp_gradients_match_finite_differences_of_the_reference(cos):
+    """Gradients with respect to both endpoints and ``t`` (the one-pass dot and norms has
+    its own JVP) against central differences of the NumPy reference, in float64."""
+    rng = np.random.default_rng(11)
+    v0 = rng.standard_normal((3, 4))
+    v1 = _at_cosine(rng, v0, cos, 1.7)
+    weights = rng.standard_normal((3, 4))
+    t = 0.3
+    loss = lambda t, a, b: float(np.sum(weights * ref_slerp(t, a, b)))  # noqa: E731
+    with x64():
+        grads = jax.grad(lambda t, a, b: jnp.sum(weights * basic.slerp_arrays(t, a, b)),
+                         argnums=(0, 1, 2))(t, jnp.asarray(v0), jnp.asarray(v1))
+    h = 1e-6
+    for arg, got in zip(range(3), grads):
+        point = [t, v0, v1]
+        if arg == 0:
+            want = (loss(t + h, v0, v1) - loss(t - h, v0, v1)) / (2 * h)
+        else:
+            want = np.zeros_like(point[arg])
+            for i in np.ndindex(want.shape):
+                up, down = [np.array(x, copy=True) for x in point[1:]], [
+                    np.array(x, copy=True) for x in point[1:]]
+                up[arg - 1][i] += h
+                down[arg - 1][i] -= h
+                want[i] = (loss(t, *up) - loss(t, *down)) / (2 * h)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-8)
 
 
 def _unit(v):

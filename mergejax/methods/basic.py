@@ -41,6 +41,29 @@ def _norm(x: Array) -> Array:
     return jnp.sqrt(jnp.sum(x * x))
 
 
+@jax.custom_jvp
+def _dot_and_norms(v0: Array, v1: Array) -> tuple[Array, Array, Array]:
+    """``(<v0, v1>, |v0|, |v1|)`` in one pass: one three-output reduction along the last
+    axis, then over the row sums. Three separate sums are YNNPACK dot fusions on XLA:CPU,
+    which take materialised float32 operands: for bfloat16 leaves both upcasts were
+    written out (a 5632x2048 slerp: ~46 ms, against ~17 ms this way). JAX does not
+    differentiate a multi-output `lax.reduce`, hence the explicit JVP."""
+    last = (v0.ndim - 1,) if v0.ndim else ()
+    sums = lax.reduce((v0 * v1, v0 * v0, v1 * v1), (jnp.zeros((), v0.dtype),) * 3,
+                      lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), last)
+    dot, sq0, sq1 = (jnp.sum(x) for x in sums)
+    return dot, jnp.sqrt(sq0), jnp.sqrt(sq1)
+
+
+@_dot_and_norms.defjvp
+def _dot_and_norms_jvp(primals, tangents):
+    (v0, v1), (t0, t1) = primals, tangents
+    dot, n0, n1 = _dot_and_norms(v0, v1)
+    d_norm = lambda v, t, n: jnp.sum(v * t) / n  # noqa: E731  (d|v| = <v, dv> / |v|)
+    return (dot, n0, n1), (jnp.sum(t0 * v1 + v0 * t1), d_norm(v0, t0, n0),
+                           d_norm(v1, t1, n1))
+
+
 def _guarded_divisor(total: Array, tiny: float) -> Array:
     """``total``, or 1 where ``|total| < tiny`` (mergekit's guard against dividing by 0)."""
     return jnp.where(jnp.abs(total) < tiny, jnp.ones_like(total), total)
@@ -102,8 +125,8 @@ def slerp_arrays(t: Array, v0: Array, v1: Array, *, parallel_threshold: float = 
     the *unnormalised* arrays. When ``|cos| > parallel_threshold`` it falls back to
     ``lerp``. Written so that gradients stay finite in both branches.
     """
-    n0, n1 = _norm(v0), _norm(v1)
-    dot = jnp.sum(v0 * v1) / (jnp.where(n0 > eps, n0, 1.0) * jnp.where(n1 > eps, n1, 1.0))
+    dot, n0, n1 = _dot_and_norms(v0, v1)
+    dot = dot / (jnp.where(n0 > eps, n0, 1.0) * jnp.where(n1 > eps, n1, 1.0))
     parallel = jnp.abs(dot) > parallel_threshold
     theta0 = jnp.arccos(jnp.where(parallel, 0.0, dot))
     sin0 = jnp.where(parallel, 1.0, jnp.sin(theta0))
