@@ -316,6 +316,16 @@ def test_slerp_gradients_match_finite_differences_of_the_reference(cos):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-8)
 
 
+def test_slerp_gradients_are_finite_at_a_zero_endpoint():
+    """A zero tensor is left unnormalised (theta = pi/2); its norm's derivative is taken as
+    0 there, so gradients stay finite (the derivative of a square root at 0 is not)."""
+    v0, v1 = jnp.zeros((3, 4)), jnp.ones((3, 4))
+    grads = jax.grad(lambda a, b: jnp.sum(basic.slerp_arrays(0.3, a, b)), argnums=(0, 1))(
+        v0, v1)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+
+
 def _unit(v):
     return v / np.linalg.norm(v)
 

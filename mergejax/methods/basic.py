@@ -59,7 +59,9 @@ def _dot_and_norms(v0: Array, v1: Array) -> tuple[Array, Array, Array]:
 def _dot_and_norms_jvp(primals, tangents):
     (v0, v1), (t0, t1) = primals, tangents
     dot, n0, n1 = _dot_and_norms(v0, v1)
-    d_norm = lambda v, t, n: jnp.sum(v * t) / n  # noqa: E731  (d|v| = <v, dv> / |v|)
+    def d_norm(v, t, n):  # d|v| = <v, dv> / |v|; 0 at v = 0 (finite gradients)
+        return jnp.where(n > 0, jnp.sum(v * t) / jnp.where(n > 0, n, 1.0), 0.0)
+
     return (dot, n0, n1), (jnp.sum(t0 * v1 + v0 * t1), d_norm(v0, t0, n0),
                            d_norm(v1, t1, n1))
 
