@@ -584,11 +584,9 @@ def test_select_thresholds_is_exact_where_few_distinct_values_need_a_wide_window
     values = _ulp_magnitudes(inputs)
     n = values[0].size
     ranks = (n // 5, n // 2)
-    sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
-                                stages._high_bins, stages._BINS,  # noqa: SLF001
-                                stride=stages.sample_stride(n))
-    assert int(jnp.max(stages.spread_window(sample, ranks, n).shift)) > 0
-    assert _window_found(values, ranks)
+    found, window = _sampled_window(values, ranks, inputs)
+    assert int(jnp.max(window.shift)) > 0
+    assert found
     got = np.asarray(jax.jit(lambda ins: stages.select_thresholds(ins, ranks,
                                                                   _ulp_magnitudes))(inputs))
     np.testing.assert_array_equal(
@@ -653,16 +651,18 @@ def test_kth_largest_and_magnitude_threshold_static_ranks(n, rank):
                                   ref_topk_keep(mag, rank))
 
 
-def _window_found(values, ranks):
-    """Whether the per-tensor sampled window holds every rank (False: the exact fallback
-    runs), computed as `select_thresholds` does."""
+def _sampled_window(values, ranks, inputs=None):
+    """``(found, window)``: the per-tensor sampled window of ``values`` (computed from
+    ``inputs``, by default the values themselves) and whether it holds every rank (False:
+    the exact fallback runs), as `select_thresholds` computes them."""
     n = values[0].size
     sample = stages._histograms(None, values, stages._identity,  # noqa: SLF001
                                 stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
-    window = stages.spread_window(sample, ranks, n)
+    max_shift = stages._window_max_shift(values if inputs is None else inputs)  # noqa: SLF001
+    window = stages.spread_window(sample, ranks, n, max_shift)
     hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001
-    return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1]))
+    return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1])), window
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])
@@ -675,13 +675,13 @@ def test_select_thresholds_misleading_sample_falls_back_to_exact(huge):
     x[::stride] = huge  # the strided sample sees nothing but the huge value
     ranks = (n // 4, 3 * n // 4)
     values = (jnp.asarray(x),)
-    assert not _window_found(values, ranks)  # the layout does mislead the sample
+    assert not _sampled_window(values, ranks)[0]  # the layout does mislead the sample
     got = np.asarray(_select(values, ranks))[:, 0]
     np.testing.assert_array_equal(got, [ref_kth_largest(x.astype(np.float64), r)
                                         for r in ranks])
     # A benign layout of the same size takes the window path, same answers as a sort.
     y = rng.standard_normal(n).astype(np.float32)
-    assert _window_found((jnp.asarray(y),), ranks)
+    assert _sampled_window((jnp.asarray(y),), ranks)[0]
     np.testing.assert_array_equal(np.asarray(_select((jnp.asarray(y),), ranks))[:, 0],
                                   [ref_kth_largest(y.astype(np.float64), r) for r in ranks])
 

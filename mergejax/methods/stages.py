@@ -464,6 +464,17 @@ def _live(ranks: tuple[int, ...], size: int) -> tuple[int, ...]:
     return tuple(r for r in ranks if 0 < r <= size)
 
 
+def _window_max_shift(inputs: tuple[Array, ...]) -> int:
+    """`spread_window`'s ``max_shift`` for a per-tensor selection over ``inputs``:
+    `_MAX_SHIFT` where one is a float narrower than float32 (differences of such values
+    take few distinct values), else 0 (float32 ones rarely do, and the refinement pass
+    costs compile time and memory: per-tensor TIES on ViT-B/32, compile 84 -> 146 s,
+    peak +2.4 models' worth)."""
+    low_precision = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+                        for x in inputs)
+    return _MAX_SHIFT if low_precision else 0
+
+
 def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
                       values_of=_identity) -> Array:
     """``(R, K)``: for each of the K arrays ``values_of(inputs)``, its ``ranks[i]``-th
@@ -501,12 +512,8 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
         return _edges(radix(None), ranks, size, k)
     sample = _histograms(None, inputs, values_of, _high_bins, _BINS,
                          stride=sample_stride(size))
-    # Differences of low-precision floats take few distinct values (`spread_window`);
-    # float32 ones rarely do, and the refinement pass costs compile time and memory (per
-    # tensor TIES on ViT-B/32: compile 84 -> 146 s, peak +2.4 models' worth).
-    low_precision = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
-                        for x in inputs)
-    window = spread_window(sample, live, size, _MAX_SHIFT if low_precision else 0)
+    max_shift = _window_max_shift(inputs)
+    window = spread_window(sample, live, size, max_shift)
     hist = _window_histograms(None, inputs, values_of, window)
     thresholds, found = window_thresholds(hist, window, live)
 
@@ -516,7 +523,7 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
                                                     bins=_REFINE), fine, live)[0]
 
     def windowed(_):
-        if not low_precision:
+        if not max_shift:
             return thresholds
         return lax.cond(jnp.any(window.shift > 0), refine, lambda _: thresholds, None)
 
