@@ -35,6 +35,29 @@ def test_looking_up_a_checkpoint_method_imports_no_heavy_package():
     assert loaded == []
 
 
+_WEIGHTED = [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in "bc"]
+MERGEKIT_CONFIGS = {
+    "linear": {"merge_method": "linear",
+               "models": [{"model": m, "parameters": {"weight": 0.5}} for m in "ab"]},
+    "ties": {"merge_method": "ties", "base_model": "a", "models": _WEIGHTED},
+    "dare_ties": {"merge_method": "dare_ties", "base_model": "a", "models": _WEIGHTED},
+    "slerp": {"merge_method": "slerp", "base_model": "a",
+              "models": [{"model": "a"}, {"model": "b"}], "parameters": {"t": 0.5}}}
+
+
+@pytest.mark.parametrize("method", sorted(MERGEKIT_CONFIGS))
+def test_parsing_a_mergekit_config_imports_no_heavy_package(method):
+    """The checkpoint binary parses its config first: checking the method's name must not
+    import every family (Flax, Orbax and SciPy took ~1 s of a 4 s merge)."""
+    loaded = _fresh(
+        "import json, sys\n"
+        "from mergejax.io import mergekit\n"
+        f"cfg = mergekit.parse_config({MERGEKIT_CONFIGS[method]!r})\n"
+        f"assert cfg.method == {method!r}, cfg.method\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
+    assert loaded == []
+
+
 def test_list_methods_registers_what_importing_every_module_registers():
     """Every module that registers a method is one the registry loads."""
     listed = _fresh("import json, mergejax; print(json.dumps(mergejax.list_methods()))")

@@ -770,8 +770,10 @@ def _parse_mergekit(data: Mapping[str, Any], config_dir: str) -> MergeConfig:
         raise MergeError(f"merge_method {method!r} is not supported{known}; supported "
                          f"mergekit methods are {sorted(MERGEKIT_METHODS)}")
     target = MERGEKIT_METHODS[method]
-    if target not in registry.list_methods():
-        raise MergeError(f"mergejax has no method {target!r} (for mergekit {method})")
+    try:  # imports only the families up to the target's, not Flax or Orbax
+        registry.get_method(target)
+    except MergeError:
+        raise MergeError(f"mergejax has no method {target!r} (for mergekit {method})") from None
     spec = _SPECS[method]
     base = None if data.get("base_model") is None else _model_path(
         data["base_model"], config_dir, "base_model")
