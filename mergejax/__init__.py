@@ -71,6 +71,7 @@ _EXPORTS = {
     "MergeMethod": "mergejax.method",
     "StatisticsPass": "mergejax.method",
     "as_stored": "mergejax.method",
+    "fused_reduce": "mergejax.method",
     "leaf_key": "mergejax.method",
     "leafwise": "mergejax.method",
     "karcher": "mergejax.methods.basic",

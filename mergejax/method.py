@@ -27,12 +27,14 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mergejax import registry
 from mergejax import rules as rules_lib
@@ -45,7 +47,7 @@ from mergejax.tree import (
 )
 
 __all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "as_stored",
-           "leaf_key", "leafwise"]
+           "fused_reduce", "leaf_key", "leafwise"]
 
 REQUIRED = registry.REQUIRED
 
@@ -94,6 +96,57 @@ def as_stored(ctx: LeafContext, arrays: Sequence[jax.Array]
     compute = [x.dtype for x in arrays]
     return (tuple(x.astype(dtype) for x in arrays),
             lambda stored: tuple(x.astype(d) for x, d in zip(stored, compute)))
+
+
+#: ``fused_reduce`` kinds: (combiner, identity, the per-operand reference reduction).
+_REDUCTIONS: dict[str, tuple[Callable[..., jax.Array], float, Callable[..., jax.Array]]] = {
+    "sum": (lax.add, 0.0, jnp.sum), "max": (lax.max, -float("inf"), jnp.max)}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def fused_reduce(operands: tuple[jax.Array, ...], kinds: tuple[str, ...]
+                 ) -> tuple[jax.Array, ...]:
+    """The total ``"sum"`` or ``"max"`` (per ``kinds``) of each of ``operands``, which
+    share a shape, in one pass: one multi-output reduction of every group of (up to) 8
+    consecutive rows, then ``jnp.sum`` / ``jnp.max`` of those partial results (an eighth
+    of the entries).
+
+    Why, on XLA:CPU: a lone ``jnp.sum`` is a YNNPACK fusion, which takes a materialised
+    operand, so what produces it elementwise (an upcast from bfloat16, ``x - base``, a
+    random mask) is written to memory first. A multi-output reduction keeps the
+    producers fused, and reducing 8 rows at a time (unrolled, vectorised along the
+    rows) runs at the speed of an elementwise pass, where reducing whole rows does not
+    vectorise (4096x1024, two sums of a masked difference: 12.6 ms by rows, 2.1 ms by 8
+    rows, 4.3 ms as two ``jnp.sum``). Differentiable: the JVP is that of the per-operand
+    ``jnp.sum`` / ``jnp.max``.
+
+    Example::
+
+        l1, peak = fused_reduce((jnp.abs(x - base), jnp.abs(x)), ("sum", "max"))
+    """
+    unknown = set(kinds) - set(_REDUCTIONS)
+    if unknown or len(kinds) != len(operands):
+        raise MergeError(f"fused_reduce: one kind per operand, each of {sorted(_REDUCTIONS)}"
+                         f"; got {kinds!r} for {len(operands)} operands")
+    combine = [_REDUCTIONS[k][0] for k in kinds]
+    shape = np.shape(operands[0])
+    cols = shape[-1] if shape else 1
+    rows = math.prod(shape[:-1])
+    fold = next(f for f in (8, 4, 2, 1) if rows % f == 0)
+    partial = lax.reduce(tuple(jnp.reshape(x, (rows // fold, fold, cols)) for x in operands),
+                         tuple(jnp.asarray(_REDUCTIONS[k][1], x.dtype)
+                               for k, x in zip(kinds, operands)),
+                         lambda a, b: tuple(f(u, v) for f, u, v in zip(combine, a, b)), (1,))
+    return tuple(_REDUCTIONS[k][2](r) for k, r in zip(kinds, partial))
+
+
+@fused_reduce.defjvp
+def _fused_reduce_jvp(kinds, primals, tangents):
+    (operands,), (directions,) = primals, tangents
+    _, out_tangents = jax.jvp(
+        lambda xs: tuple(_REDUCTIONS[k][2](x) for k, x in zip(kinds, xs)),
+        (operands,), (directions,))
+    return fused_reduce(operands, kinds), out_tangents
 
 
 class StatisticsPass(NamedTuple):

@@ -289,3 +289,33 @@ def test_batched_kernels_equal_leaf_by_leaf_and_trace_once_per_group():
                                np.asarray(_one_by_one(base, models, key=key, scale=0.5,
                                                       shift=shift)["blocks"]["1"]["w"]),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (3, 7), (16, 5), (6, 4, 3), (9, 3)])
+def test_fused_reduce_matches_numpy(shape):
+    """Row counts divisible by 8, 4, 2 and 1 (the groups `fused_reduce` folds), scalars."""
+    rng = np.random.default_rng(len(shape) + sum(shape))
+    a, b = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+    got = jax.jit(lambda a, b: method_lib.fused_reduce((a * b, jnp.abs(a), b), (
+        "sum", "max", "sum")))(a, b)
+    want = (np.sum(a.astype(np.float64) * b), np.max(np.abs(a)), np.sum(b, dtype=np.float64))
+    for g, w in zip(got, want):
+        assert g.shape == () and g.dtype == jnp.float32
+        np.testing.assert_allclose(float(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_reduce_gradients_are_those_of_the_sums_and_maxima():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    grad = jax.grad(lambda x: sum(method_lib.fused_reduce((x * x, x), ("sum", "max"))))(x)
+    onehot = np.zeros_like(x)
+    onehot[np.unravel_index(np.argmax(x), x.shape)] = 1.0
+    np.testing.assert_allclose(np.asarray(grad), 2 * x + onehot, rtol=1e-6)
+
+
+def test_fused_reduce_rejects_unknown_kinds():
+    x = jnp.ones((2, 3))
+    with pytest.raises(MergeError, match="one kind per operand"):
+        method_lib.fused_reduce((x,), ("mean",))
+    with pytest.raises(MergeError, match="one kind per operand"):
+        method_lib.fused_reduce((x, x), ("sum",))

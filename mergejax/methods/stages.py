@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mergejax.method import StatisticsPass, as_stored
+from mergejax.method import StatisticsPass, as_stored, fused_reduce
 from mergejax.tree import MergeError
 
 __all__ = [
@@ -753,26 +753,32 @@ def bernoulli_mask(key: Array, p: Array | float, shape: tuple[int, ...],
 
 
 def rescale_masked(x: Array, mask: Array, how: str, density: Array | float = 1.0,
-                   eps: float = 1e-7) -> Array:
+                   eps: float = 1e-7, norms_mask: Array | None = None) -> Array:
     """``x * mask``, rescaled to make up for what the mask removed.
 
     ``how``: ``"none"``; ``"density"`` divides by the keep probability ``density`` (a
     scalar or per entry; DARE's and DELLA's papers); ``"l1"``, ``"l2"``, ``"linf"`` match
     the norm of ``x`` over the whole tensor (mergekit's ``rescale_norm``; unscaled when
-    either norm is below ``eps``, as mergekit).
+    either norm is below ``eps``, as mergekit). ``norms_mask``, if given, is the same
+    mask computed separately for the norms' pass (e.g. drawn from
+    ``lax.optimization_barrier(key)``): XLA then recomputes it in that pass instead of
+    writing ``mask`` out for the second one.
     """
     masked = jnp.where(mask, x, 0.0)
     if how == "none":
         return masked
     if how == "density":
         return masked / density
-    norm = {"l1": lambda v: jnp.sum(jnp.abs(v)),
-            "l2": lambda v: jnp.sqrt(jnp.sum(v * v)),
-            "linf": lambda v: jnp.max(jnp.abs(v))}.get(how)
-    if norm is None:
+    if how not in ("l1", "l2", "linf"):
         raise MergeError(f"rescale must be one of 'none', 'density', 'l1', 'l2', 'linf'; "
                          f"got {how!r}")
-    before, after = norm(x), norm(masked)
+    # One pass for both norms (`fused_reduce`): two sums would write x and masked out.
+    size = (lambda v: v * v) if how == "l2" else jnp.abs
+    kept = masked if norms_mask is None else jnp.where(norms_mask, x, 0.0)
+    before, after = fused_reduce((size(x), size(kept)), ("max",) * 2 if how == "linf"
+                                 else ("sum",) * 2)
+    if how == "l2":
+        before, after = jnp.sqrt(before), jnp.sqrt(after)
     small = (before < eps) | (after < eps)
     return masked * jnp.where(small, 1.0, before / jnp.where(small, 1.0, after))
 
