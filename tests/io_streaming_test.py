@@ -129,9 +129,48 @@ def test_kernels_compile_once_per_shape_class(checkpoints):
     before = streaming._merge_leaf._cache_size()  # pylint: disable=protected-access
     streamed("linear", checkpoints, weights=[0.2, 0.3])
     compiled = streaming._merge_leaf._cache_size() - before  # pylint: disable=protected-access
-    # embed + lm_head share a shape, as do the two norms of a layer and the final norm:
-    # one kernel per (shape, class of path) whatever the number of layers.
-    assert compiled <= 8
+    # linear never reads ctx.path: one kernel per shape (embed + lm_head, the norms,
+    # q_proj + o_proj, up_proj, down_proj), whatever the number of layers and names.
+    assert compiled <= 5
+
+
+def _merged_in_memory(method: MergeMethod, dirs: list[str]) -> dict[str, np.ndarray]:
+    base, *models = [st.load_safetensors(d) for d in dirs]
+    return {p: np.asarray(v) for p, v in flatten_paths(method(base, models)).items()}
+
+
+def _scaled_task_arithmetic(scale_of, traced):
+    """A task arithmetic whose kernel counts its traces and scales by ``scale_of(ctx)``."""
+    @mergejax.leafwise("_scaled_ta", family="basic", paper="-", register=False)
+    def kernel(ctx, base, models):
+        traced.append(1)
+        return base + scale_of(ctx) * sum(x - base for x in models)
+    return kernel
+
+
+def test_kernels_that_never_read_the_path_are_traced_once_per_shape(checkpoints):
+    traced = []
+    method = _scaled_task_arithmetic(lambda ctx: 0.5, traced)
+    out = streamed(method, checkpoints)
+    assert len(traced) == 5  # the five shapes of `llama_spec`
+    assert_bitwise_equal(out, _merged_in_memory(method, checkpoints))
+
+
+def test_kernels_that_read_the_path_are_traced_per_name(checkpoints):
+    """q_proj and o_proj share a shape; a kernel that decides from the name must see each
+    (sharing the first one's trace would scale o_proj by q_proj's factor)."""
+    traced = []
+    method = _scaled_task_arithmetic(lambda ctx: 2.0 if "q_proj" in ctx.path else 0.5,
+                                     traced)
+    out = streamed(method, checkpoints)
+    assert len(traced) == 8  # every (shape, name) class: 2 vocab, 2 norm, q, o, up, down
+    assert_bitwise_equal(out, _merged_in_memory(method, checkpoints))
+    base, *models = [flatten_paths(st.load_safetensors(d)) for d in checkpoints]
+    for proj, scale in (("q", 2.0), ("o", 0.5)):
+        name = f"model/layers/1/self_attn/{proj}_proj/weight"
+        tau = sum(np.asarray(m[name]) - np.asarray(base[name]) for m in models)
+        np.testing.assert_allclose(out[name], np.asarray(base[name]) + scale * tau,
+                                   rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("scope, passes", [("tensor", 0), ("global", 4)])

@@ -4,7 +4,8 @@ The same registered `MergeMethod` that merges pytrees in memory merges checkpoin
 than memory here. Its hyperparameters are resolved for every tensor before anything is read
 (`MergeMethod.plan`), then each tensor is read lazily from every input (a memory-mapped
 view), merged by the method's leaf kernel in a compiled function cached by shape, dtype and
-static hyperparameters (the 26 ``q_proj`` of a Llama share one), written to its output shard
+static hyperparameters (the 26 ``q_proj`` of a Llama share one; so do ``k_proj``, ``v_proj``
+and ``o_proj`` unless the kernel reads ``ctx.path``), written to its output shard
 and released, so memory holds a few tensors, not the model. A loader thread reads ahead
 and a writer thread writes behind the merge. A method with statistics passes (model-wide
 norms, a global top-k threshold) reads every tensor a pass `wants` once more per pass
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -288,6 +290,29 @@ def _join_stats(arrays: Sequence[Any], static: Any) -> tuple[Any, ...]:
     return treedef.unflatten(leaves)
 
 
+class _WatchedContext(LeafContext):
+    """A `LeafContext` that counts, per thread, its creations (traces of `_merge_leaf`,
+    which happen in the calling thread) and the kernel's reads of ``ctx.path``, so that
+    tensors which differ only by name can share a trace when the kernel never reads it."""
+
+    __slots__ = ()
+    counts = threading.local()
+
+    def __new__(cls, *fields):
+        cls.counts.traces = getattr(cls.counts, "traces", 0) + 1
+        return super().__new__(cls, *fields)
+
+    @property
+    def path(self) -> str:
+        self.counts.path_reads = getattr(self.counts, "path_reads", 0) + 1
+        return tuple.__getitem__(self, 0)
+
+    @classmethod
+    def snapshot(cls) -> tuple[int, int]:
+        """``(traces, path reads)`` so far in this thread."""
+        return getattr(cls.counts, "traces", 0), getattr(cls.counts, "path_reads", 0)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "path", "static", "out_dtype",
                                              "total_size", "stats_static", "check_finite"))
 def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeMethod,
@@ -297,7 +322,7 @@ def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeM
     and its ``max|out|`` when ``check_finite`` (the in-memory engine's per-leaf work)."""
     path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
     stats = _join_stats(stats_arrays, stats_static)
-    out = method.kernel(LeafContext(path, key, stats, total_size, stored), base, xs, **hp)
+    out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs, **hp)
     out = out.astype(out_dtype)
     peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
         if check_finite else None
@@ -345,6 +370,10 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
         stats = run_statistics(method, every_leaf, plan.total_size)
     stats_arrays, stats_static = _split_stats(stats)
 
+    # Kernels that never read ctx.path (most) are traced once per shape, dtype and static
+    # hyperparameters: later tensors of such a group reuse the first one's path class, so
+    # q_proj and k_proj of the same shape share one trace and one compiled function.
+    shared_path: dict[Any, str] = {}
     todo = [t for t in plan.tensors if not skip(t)]
     with futures.ThreadPoolExecutor(1) as pool:
         # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
@@ -360,11 +389,17 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             j = tensor.leaf
             b, xs = loads.popleft().result()
             loads.extend(itertools.islice(submitted, 1))
+            group = (tuple((x.shape, x.dtype) for x in (b, *xs) if x is not None),
+                     leaves.static[j][1], leaves.out_dtypes[j])
+            path = shared_path.get(group, _path_class(tensor.path))
+            traces, reads = _WatchedContext.snapshot()
             out, peak = _merge_leaf(
                 b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
-                path=_path_class(tensor.path), static=leaves.static[j][1],
-                out_dtype=leaves.out_dtypes[j], total_size=plan.total_size,
-                stats_static=stats_static, check_finite=check_finite)
+                path=path, static=leaves.static[j][1], out_dtype=leaves.out_dtypes[j],
+                total_size=plan.total_size, stats_static=stats_static,
+                check_finite=check_finite)
+            if group not in shared_path and _WatchedContext.snapshot() == (traces + 1, reads):
+                shared_path[group] = path  # traced now, and the kernel never read the path
             values = np.asarray(out)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)
