@@ -207,8 +207,8 @@ def sequential_task_value_and_grad(apply_fn: ApplyFn,
     Called outside ``jax.jit``; `summed_task_value_and_grad` is the in-jit version.
 
     Measured (`experiments.bench_learned`: AdaMerging on ViT-B/32, 8 tasks x 16 images,
-    XLA:CPU): a step of 28.6 s at 6.4 GiB peak RSS (inputs included) and 27 s of compile,
-    against 29.3 s, 11.1 GiB and 72 s with the tasks unrolled in one program.
+    XLA:CPU): a step of 24.3-28.6 s at 6.4-6.9 GiB peak RSS (inputs included) and 20-27 s
+    of compile, against 29.3 s, 11.1 GiB and 72 s with the tasks unrolled in one program.
 
     Example::
 
