@@ -281,10 +281,12 @@ def dense_input_grams(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
     ``apply_fn(params, batch)`` (which calls some ``module.apply``), summed over batches.
 
     Inputs are recorded by ``flax.linen.intercept_methods`` while ``apply_fn`` is traced
-    under ``jax.jit``, so the model's code is unchanged. Each input is flattened to rows
-    ``(rows, d_in)`` over the contracted axes: the last axis for ``Dense`` and for
-    attention's query/key/value ``DenseGeneral`` (kernel ``(d, heads, head_dim)``), the last
-    two for attention's output (kernel ``(heads, head_dim, d)``), ``axis`` in general.
+    under ``jax.jit``, so the model's code is unchanged (a jitted ``apply_fn`` is traced
+    unwrapped; one that calls the model through an inner ``jax.jit`` raises `MergeError`).
+    Each input is flattened to rows ``(rows, d_in)`` over the contracted axes: the last
+    axis for ``Dense`` and for attention's query/key/value ``DenseGeneral`` (kernel ``(d,
+    heads, head_dim)``), the last two for attention's output (kernel ``(heads, head_dim,
+    d)``), ``axis`` in general.
     A layer called several times (shared weights) sums all its calls. Keys are the module's
     scope path + ``/kernel``, e.g. ``"resblocks_0/mlp_fc/kernel"``: the paths of the
     ``params`` collection of the module that ``apply_fn`` applies. Layers inside
@@ -298,9 +300,26 @@ def dense_input_grams(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
         grams = dense_input_grams(lambda p, x: vit.apply({"params": p}, x), params, batches)
         grams["resblocks_0/mlp_fc/kernel"].mean()   # (width, width)
     """
-    return _accumulate("dense_input_grams",
-                       lambda batch: _linen_grams(apply_fn, params, batch),
-                       batches, num_batches)
+    apply_fn = _without_jit(apply_fn)
+
+    def per_batch(batch):
+        try:
+            return _linen_grams(apply_fn, params, batch)
+        except jax.errors.UnexpectedTracerError as e:
+            raise MergeError(
+                "dense_input_grams: apply_fn runs the model inside a jax.jit of its own, so "
+                "the layers' inputs are values of that inner trace; pass apply_fn without "
+                "the inner jax.jit (dense_input_grams compiles it)") from e
+
+    return _accumulate("dense_input_grams", per_batch, batches, num_batches)
+
+
+def _without_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` without its ``jax.jit`` wrappers: interception records a layer's input in
+    the trace that calls the layer, which must be `_linen_grams`'s own."""
+    while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
 
 
 _NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral)

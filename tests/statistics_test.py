@@ -217,6 +217,24 @@ def test_linen_grams_of_dense_and_attention_layers():
     assert set(grams) <= flat
 
 
+def test_linen_grams_of_a_jitted_apply_fn_are_those_of_the_plain_one():
+    """A jitted apply_fn (the suite's embeddings are one) is traced unwrapped; one that jits
+    the model inside gives a clear error, not a leaked tracer."""
+    net = Net()
+    x = np.random.RandomState(1).randn(2, T, 3).astype(np.float32)
+    params = net.init(jax.random.key(0), x[:1])["params"]
+    apply_fn = lambda p, b: net.apply({"params": p}, b)
+    want = st.dense_input_grams(apply_fn, params, [x])
+    got = st.dense_input_grams(jax.jit(jax.jit(apply_fn)), params, [x])
+    assert list(got) == list(want)
+    for path in want:
+        np.testing.assert_array_equal(np.asarray(got[path].matrix),
+                                      np.asarray(want[path].matrix), err_msg=path)
+    inner = jax.jit(apply_fn)
+    with pytest.raises(MergeError, match="inner jax.jit"):
+        st.dense_input_grams(lambda p, b: inner(p, b), params, [x])
+
+
 def test_linen_grams_num_batches_and_errors():
     dense = nn.Dense(2)
     params = dense.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
