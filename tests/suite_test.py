@@ -216,6 +216,19 @@ def test_learned_methods_get_suite_data_and_predict_results_are_evaluated(tiny_s
     assert images.shape[0] == labels.shape[0] == 5
 
 
+@pytest.mark.parametrize("method, hparams", [("regmean", {}), ("surgery_v2", {"steps": 2}),
+                                             ("wemoe", {"steps": 2})])
+def test_methods_that_intercept_the_models_layers_run_on_the_suite(tiny_suite, method,
+                                                                   hparams):
+    """They trace the suite's apply_fn themselves: given the jitted `Suite.embed` they
+    failed (regmean: a leaked tracer; surgery_v2, wemoe: no layer matched)."""
+    suite, _ = tiny_suite
+    row = benchmark_lib.run_method(suite, method, hparams)
+    assert not row.note.startswith("failed"), row.note
+    assert set(row.accuracy) == set(suite.tasks)
+    assert all(0.0 <= a <= 1.0 for a in row.accuracy.values())
+
+
 def _run_binary(tmp_path, *overrides):
     """The binary with the tiny config, run from ``tmp_path`` so that its default relative
     cache and results directories land there."""

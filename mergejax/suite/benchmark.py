@@ -164,7 +164,7 @@ def suite_inputs(suite: Suite, batch_size: int = 16, batch_split: str = "test"
                                      apply_fn=make["apply_fn"](), heads=make["heads"](),
                                      batches=make["batches"](), steps=100)
     """
-    apply_fn = suite.embed
+    apply_fn = suite.apply_fn
 
     def heads():
         return [functools.partial(model_lib.logits, head=suite.heads[t]) for t in suite.tasks]

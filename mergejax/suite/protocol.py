@@ -128,6 +128,12 @@ class Suite:
         return _jitted_embed(self.model, self.config.linearized)(self.pretrained, params,
                                                                   images)
 
+    def apply_fn(self, params: PyTree, images: Any) -> jax.Array:
+        """`embed` without its ``jax.jit``: the ``apply_fn`` of merge methods, which trace
+        the model themselves (RegMean's Grams, Surgery v2 and WEMoE intercept its Linen
+        layers, which must be called in their trace)."""
+        return _embedding(self.model, self.config.linearized, self.pretrained, params, images)
+
     def accuracy(self, params: PyTree, task: str, split: str = "test") -> float:
         """Accuracy of backbone ``params`` with ``task``'s frozen head on a split."""
         d = self.data[task][split]
