@@ -251,6 +251,8 @@ def _end_to_end(tmp_path, *overrides) -> dict:
     with open(out / "results.json") as f:
         rows = {r["method"]: r for r in json.load(f)["rows"]}
     assert 0.0 <= rows["linear"]["average"] <= 1.0
+    failed = {m: r["note"] for m, r in rows.items() if r["note"].startswith("failed")}
+    assert not failed  # a method that raises still gets a row, marked "failed: ..."
     return rows
 
 
