@@ -11,7 +11,12 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mergejax.io.checkpoint import CheckpointError, LazyCheckpoint, open_checkpoint
+from mergejax.io.checkpoint import (
+    DEVICE_ALIGNMENT,
+    CheckpointError,
+    LazyCheckpoint,
+    open_checkpoint,
+)
 from mergejax.io.orbax import OrbaxCheckpoint, restore_params, save_params
 
 
@@ -138,6 +143,9 @@ def test_lazy_reads_of_single_leaves(saved):
                 got = ckpt.read(info.path)
                 assert isinstance(got, np.ndarray) and not got.flags.writeable
                 assert _same(got, x), info.path
+                loaded = ckpt.load(info.path)
+                assert _same(loaded, x) and loaded.flags.writeable, info.path
+                assert loaded.ctypes.data % DEVICE_ALIGNMENT == 0, info.path
                 ckpt.release(info.path)
         assert ckpt.info("ids").dtype == np.int64
         many = ckpt.read_many(["layers/1/w", "enc/bias"])

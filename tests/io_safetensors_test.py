@@ -9,6 +9,7 @@ import os
 import struct
 import threading
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -18,6 +19,7 @@ import safetensors.flax
 import safetensors.numpy
 
 from mergejax.io.checkpoint import (
+    DEVICE_ALIGNMENT,
     CheckpointError,
     LazyCheckpoint,
     flatten_paths,
@@ -249,6 +251,31 @@ def test_release_bounds_the_resident_set_and_reads_stay_right(tmp_path):
         assert touched - before > 12 * 1024 and touched - released > 12 * 1024
         assert _same(view, x) and _same(ckpt.read("x"), x)
         assert _same(ckpt.read("small"), np.ones(3, np.float16))
+
+
+def test_load_is_a_private_aligned_copy_that_jax_uses_in_place(tmp_path):
+    flat = _flat()
+    save_safetensors(flat, str(tmp_path))
+    with open_checkpoint(str(tmp_path)) as ckpt:
+        for name, want in flat.items():
+            path = name.replace(".", "/")
+            got = ckpt.load(path)
+            assert _same(got, want), name
+            assert got.flags.writeable and not np.shares_memory(got, ckpt.read(path))
+            assert got.ctypes.data % DEVICE_ALIGNMENT == 0, name
+        x = ckpt.load("model/layers/1/mlp/weight")
+        on_device = jax.device_put(x, may_alias=True)
+        assert on_device.unsafe_buffer_pointer() == x.ctypes.data  # no copy on CPU
+        assert _same(on_device, flat["model.layers.1.mlp.weight"])
+
+
+def test_load_names_a_file_truncated_after_it_was_opened(tmp_path):
+    save_safetensors({"a": np.arange(4096, dtype=np.float32)}, str(tmp_path))
+    with open_checkpoint(str(tmp_path)) as ckpt:
+        os.truncate(tmp_path / "model.safetensors", os.path.getsize(
+            tmp_path / "model.safetensors") - 100)
+        _raises("ends inside tensor 'a'", ckpt.load, "a")
+    ckpt.close()  # closing twice is fine
 
 
 def test_missing_path_is_named(tmp_path):

@@ -12,9 +12,11 @@ Example::
 
 from mergejax._lazy import lazy_exports
 from mergejax.io.checkpoint import (
+    DEVICE_ALIGNMENT,
     CheckpointError,
     LazyCheckpoint,
     TensorInfo,
+    aligned_empty,
     flatten_paths,
     open_checkpoint,
     unflatten_paths,
@@ -42,6 +44,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     name: "mergejax.io.orbax" for name in ("OrbaxCheckpoint", "restore_params", "save_params")})
 
 __all__ = [
+    "DEVICE_ALIGNMENT",
     "CheckpointError",
     "LazyCheckpoint",
     "MERGEKIT_METHODS",
@@ -53,6 +56,7 @@ __all__ = [
     "ShardWriter",
     "StreamPlan",
     "TensorInfo",
+    "aligned_empty",
     "flatten_paths",
     "iter_merged",
     "load_config",

@@ -7,6 +7,7 @@ stream through models larger than memory. `open_checkpoint` picks the reader for
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -16,13 +17,37 @@ import numpy as np
 from mergejax.tree import MergeError, PyTree, flatten_with_paths
 
 __all__ = [
+    "DEVICE_ALIGNMENT",
     "CheckpointError",
     "LazyCheckpoint",
     "TensorInfo",
+    "aligned_empty",
     "flatten_paths",
     "open_checkpoint",
     "unflatten_paths",
 ]
+
+
+#: XLA:CPU computes on a host array in place (``jax.device_put(x, may_alias=True)``) only
+#: when its data starts at a multiple of this many bytes; otherwise it copies the array.
+DEVICE_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised, writable array whose data is `DEVICE_ALIGNMENT`-byte aligned, so
+    that ``jax.device_put(x, may_alias=True)`` uses it without a copy on CPU.
+
+    Example::
+
+        x = aligned_empty((4096, 1024), np.float32)
+        x[...] = 0
+        y = jax.device_put(x, may_alias=True)  # shares x's memory on CPU
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + DEVICE_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % DEVICE_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 class CheckpointError(MergeError):
@@ -61,8 +86,9 @@ class LazyCheckpoint(Protocol):
     """A checkpoint read one tensor at a time (`SafetensorsCheckpoint`, `OrbaxCheckpoint`).
 
     ``infos`` lists the tensors in the order they are stored. ``read`` returns a read-only
-    array (a zero-copy view of a memory map where the format allows); ``release`` drops
-    what reading a tensor kept resident, and may be called any number of times.
+    array (a zero-copy view of a memory map where the format allows); ``load`` a private
+    copy aligned for computing on it in place (`aligned_empty`); ``release`` drops what
+    reading a tensor kept resident, and may be called any number of times.
 
     Example::
 
@@ -80,6 +106,8 @@ class LazyCheckpoint(Protocol):
 
     def read(self, path: str) -> np.ndarray: ...
 
+    def load(self, path: str) -> np.ndarray: ...
+
     def release(self, path: str) -> None: ...
 
     def close(self) -> None: ...
@@ -92,7 +120,7 @@ class LazyCheckpoint(Protocol):
 class _ReaderBase:
     """What both readers share: ``infos`` in storage order, lookup by path, ``with``.
 
-    Subclasses define ``read``, ``release`` and ``close``.
+    Subclasses define ``read``, ``release`` and ``close``, and may define a faster ``load``.
     """
 
     def __init__(self, location: str, infos: list[TensorInfo]):
@@ -114,6 +142,19 @@ class _ReaderBase:
                 f"{self.location}: no tensor at path '{path}' "
                 f"({len(self.infos)} tensors, e.g. "
                 f"{', '.join(repr(i.path) for i in self.infos[:3])})") from None
+
+    def load(self, path: str) -> np.ndarray:
+        """The tensor at ``path`` as a private, writable, `DEVICE_ALIGNMENT`-aligned copy:
+        ``jax.device_put(x, may_alias=True)`` then computes on it without copying it again.
+
+        Example::
+
+            w = jax.device_put(ckpt.load("dense/kernel"), may_alias=True)
+        """
+        view = self.read(path)
+        out = aligned_empty(view.shape, view.dtype)
+        np.copyto(out, view)
+        return out
 
     def __enter__(self):
         return self

@@ -35,6 +35,7 @@ from mergejax.io.checkpoint import (
     CheckpointError,
     TensorInfo,
     _ReaderBase,
+    aligned_empty,
     flatten_paths,
     unflatten_paths,
 )
@@ -75,7 +76,8 @@ class _Tensor(NamedTuple):
 
 
 class _File:
-    """One safetensors file, validated and memory-mapped read-only."""
+    """One safetensors file, validated and memory-mapped read-only (``mm``), with a
+    descriptor for positional reads (``fd``)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -100,6 +102,7 @@ class _File:
                              key=lambda t: (t.start, t.end))
             _check_coverage(path, entries, size - 8 - n)
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.fd = os.open(path, os.O_RDONLY)
         self.metadata: dict[str, str] = metadata
         self.tensors = {t.info.name: t._replace(start=8 + n + t.start, end=8 + n + t.end)
                         for t in entries}
@@ -235,6 +238,31 @@ class SafetensorsCheckpoint(_ReaderBase):
                              count=math.prod(info.shape), offset=tensor.start
                              ).reshape(info.shape)
 
+    def load(self, path: str) -> np.ndarray:
+        """The tensor at ``path`` as a private, writable, `DEVICE_ALIGNMENT`-aligned array,
+        read with ``preadv`` straight into it: no page faults on the map and no second copy
+        when given to ``jax.device_put(x, may_alias=True)`` (which on CPU computes on it in
+        place). Half the CPU time of copying the `read` view into a device array.
+
+        Example::
+
+            w = jax.device_put(ckpt.load("model/layers/0/mlp/down_proj/weight"),
+                               may_alias=True)
+        """
+        if not hasattr(os, "preadv"):
+            return super().load(path)
+        tensor = self._tensor(path)
+        out = aligned_empty(tensor.info.shape, tensor.info.dtype)
+        flat = out.reshape(-1).view(np.uint8)
+        done, fd = 0, self._files[tensor.file].fd
+        while done < flat.size:
+            got = os.preadv(fd, [flat[done:]], tensor.start + done)
+            if got == 0:
+                raise CheckpointError(f"{tensor.file}: ends inside tensor '{tensor.info.name}' "
+                                      "(the file was truncated after it was opened)")
+            done += got
+        return out
+
     def release(self, path: str) -> None:
         """Drops the pages of the tensor at ``path`` from the resident set (madvise).
 
@@ -259,6 +287,9 @@ class SafetensorsCheckpoint(_ReaderBase):
             ckpt.close()
         """
         for shard in self._files.values():
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
             try:
                 shard.mm.close()
             except BufferError:
@@ -422,6 +453,10 @@ class ShardWriter:
                 f"{self.path}: tensor '{name}' is planned as {dtype}{list(shape)}, got "
                 f"{array.dtype}{list(array.shape)}")
         self._pwrite(array.reshape(-1).view(np.uint8), offset)
+        if hasattr(os, "posix_fadvise"):
+            # Linux starts writing these pages back now (without waiting for it), so
+            # `close`'s fsync finds little left to write.
+            os.posix_fadvise(self._fd, offset, array.nbytes, os.POSIX_FADV_DONTNEED)
         self._written.add(name)
 
     def _pwrite(self, data: np.ndarray, offset: int) -> None:

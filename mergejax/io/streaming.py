@@ -234,7 +234,7 @@ class _Reader:
 
     def _put(self, x: np.ndarray) -> jax.Array:
         if self._mesh is None:
-            return jnp.asarray(x)
+            return jax.device_put(x, may_alias=True)  # in place on CPU: `load`ed, aligned
         axis = self._mesh.axis_names[0]
         n = self._mesh.shape[axis]
         spec = (jax.sharding.PartitionSpec(axis) if x.ndim and x.shape[0] % n == 0
@@ -242,14 +242,14 @@ class _Reader:
         return jax.device_put(x, jax.sharding.NamedSharding(self._mesh, spec))
 
     def read(self, path: str) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
-        reference = (self._base or self._models[0]).read(path)
+        reference = (self._base or self._models[0]).load(path)
         base = self._put(reference) if self._base is not None else None
         models = []
         for k, ckpt in enumerate(self._models):
             if self._base is None and k == 0:
                 x = reference
             else:
-                x = ckpt.read(path)
+                x = ckpt.load(path)
                 if path in self._plan.vocab_rows:
                     x = _fit_rows(x, reference)
             models.append(self._put(x))
