@@ -74,6 +74,7 @@ _EXPORTS = {
     "fused_reduce": "mergejax.method",
     "leaf_key": "mergejax.method",
     "leafwise": "mergejax.method",
+    "speculate": "mergejax.method",
     "karcher": "mergejax.methods.basic",
     "linear": "mergejax.methods.basic",
     "metagpt": "mergejax.methods.basic",

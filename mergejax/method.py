@@ -23,12 +23,14 @@ sum (measured in this repo), so kernels stack only when they need a sort or top-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -47,7 +49,7 @@ from mergejax.tree import (
 )
 
 __all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "as_stored",
-           "fused_reduce", "leaf_key", "leafwise"]
+           "fused_reduce", "leaf_key", "leafwise", "speculate", "speculation"]
 
 REQUIRED = registry.REQUIRED
 
@@ -147,6 +149,63 @@ def _fused_reduce_jvp(kinds, primals, tangents):
         lambda xs: tuple(_REDUCTIONS[k][2](x) for k, x in zip(kinds, xs)),
         (operands,), (directions,))
     return fused_reduce(operands, kinds), out_tangents
+
+
+class _Assumptions(threading.local):
+    """The predicates `speculate` assumed while tracing under `speculation` (per thread)."""
+
+    held: list[jax.Array] | None = None
+
+
+_ASSUMED = _Assumptions()
+
+
+def speculate(pred: jax.Array, common: Callable[..., Any], rare: Callable[..., Any],
+              *operands: Any) -> Any:
+    """``lax.cond(pred, common, rare, *operands)``, for a ``rare`` branch that is expensive
+    to compile (an exact fallback, say). Traced under `speculation`, only ``common`` is
+    traced and ``pred`` is recorded; the caller then reruns the computation without
+    speculation where a recorded ``pred`` was False, so results are those of the cond.
+    A kernel must return the same as the cond would whenever ``pred`` holds.
+
+    Example::
+
+        thresholds = speculate(jnp.all(found), lambda: windowed, exact_fallback)
+    """
+    if _ASSUMED.held is None:
+        return lax.cond(pred, common, rare, *operands)
+    _ASSUMED.held.append(jnp.asarray(pred, bool))
+    return lax.optimization_barrier(common(*operands))
+
+
+@contextlib.contextmanager
+def speculation() -> Iterator[list[jax.Array]]:
+    """Within it, tracing compiles only the common branch of each `speculate` and collects
+    its (traced) predicates in the yielded list: return ``jnp.all`` of them from the
+    compiled function, and where that is False, run the function compiled outside
+    `speculation`. Streaming merges use it so that a per-tensor kernel does not compile
+    an exact fallback that the tensors rarely need (per-tensor top-k: the radix select;
+    a 0.5B Llama's TIES, first calls of its 5 kernels: 14.4 -> 10.9 s). The common
+    branch's result passes through ``lax.optimization_barrier``: without it XLA fused its
+    small outputs into their consumers and the kernels ran 1.5x slower.
+
+    Example::
+
+        @jax.jit
+        def fast(x):
+            with speculation() as assumed:
+                y = kernel(x)
+            return y, jnp.all(jnp.stack(assumed)) if assumed else True
+
+        y, held = fast(x)
+        if not held:
+            y = jax.jit(kernel)(x)
+    """
+    outer, _ASSUMED.held = _ASSUMED.held, []
+    try:
+        yield _ASSUMED.held
+    finally:
+        _ASSUMED.held = outer
 
 
 class StatisticsPass(NamedTuple):

@@ -319,3 +319,42 @@ def test_fused_reduce_rejects_unknown_kinds():
         method_lib.fused_reduce((x,), ("mean",))
     with pytest.raises(MergeError, match="one kind per operand"):
         method_lib.fused_reduce((x, x), ("sum",))
+
+
+# --- speculate / speculation ----------------------------------------------------------
+
+
+def test_speculate_outside_speculation_is_a_cond():
+    f = jax.jit(lambda x: mergejax.speculate(x > 0, lambda v: v + 1, lambda v: v - 1, x))
+    assert float(f(2.0)) == 3.0 and float(f(-2.0)) == -3.0
+
+
+def test_speculation_traces_only_the_common_branch_and_records_the_predicate():
+    traced = []
+
+    def rare(v):
+        traced.append("rare")
+        return v - 1
+
+    @jax.jit
+    def fast(x):
+        with method_lib.speculation() as assumed:
+            y = mergejax.speculate(x > 0, lambda v: v + 1, rare, x)
+            y = mergejax.speculate(x < 10, lambda v: v * 2, rare, y)
+        assert len(assumed) == 2
+        return y, jnp.all(jnp.stack(assumed))
+
+    y, held = fast(2.0)
+    assert (float(y), bool(held)) == (6.0, True)
+    assert not bool(fast(-2.0)[1]) and not bool(fast(20.0)[1])
+    assert traced == []  # the rare branch was never traced
+    assert method_lib._ASSUMED.held is None  # noqa: SLF001 (the context restored it)
+
+
+def test_nested_speculation_restores_the_outer_list():
+    with method_lib.speculation() as outer:
+        mergejax.speculate(jnp.bool_(True), lambda: 1, lambda: 2)
+        with method_lib.speculation() as inner:
+            mergejax.speculate(jnp.bool_(False), lambda: 1, lambda: 2)
+        mergejax.speculate(jnp.bool_(True), lambda: 1, lambda: 2)
+    assert (len(outer), len(inner)) == (2, 1)

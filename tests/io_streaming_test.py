@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from mergejax.io import safetensors as st
 from mergejax.io import streaming
 from mergejax.io.checkpoint import flatten_paths, open_checkpoint
 from mergejax.method import MergeMethod
+from mergejax.methods import stages
 
 HIDDEN, LAYERS, INTER, VOCAB = 8, 2, 16, 24
 #: Hyperparameters a method needs (no default) or that keep its test small.
@@ -216,3 +218,68 @@ def test_vocab_policy_base_keeps_the_base_rows(tmp_path):
 def test_learned_methods_do_not_stream(checkpoints):
     with pytest.raises(mergejax.MergeError, match="does not stream"):
         streamed("adamerging", checkpoints)
+
+
+
+def _clipping_task_arithmetic(traced):
+    """Task arithmetic that clips the task vectors to [-1, 1] when one exceeds 1, the
+    clipping being `speculate`'s rare branch (which notes its traces in ``traced``)."""
+    @mergejax.leafwise("_clipping_ta", family="basic", paper="-", register=False)
+    def kernel(ctx, base, models):
+        taus = tuple(x - base for x in models)
+        small = jnp.all(jnp.stack([jnp.all(jnp.abs(t) <= 1) for t in taus]))
+
+        def clipped():
+            traced.append(base.shape)
+            return sum(jnp.clip(t, -1, 1) for t in taus)
+        return base + mergejax.speculate(small, lambda: sum(taus), clipped)
+    return kernel
+
+
+def test_a_tensor_that_needs_the_rare_branch_is_merged_again_with_it(tmp_path):
+    dirs = write_models(tmp_path, 3, max_shard_bytes=10**9)
+    outlier = (3, 5)  # a shape no other tensor has
+    for k, d in enumerate(dirs):  # a second file: 0 in the base, 5 in the models
+        extra = st.save_safetensors(
+            {"model.outlier": np.full(outlier, 5.0 * (k > 0), np.float32)},
+            str(tmp_path / f"extra{k}"))
+        os.rename(extra[0], os.path.join(d, "extra.safetensors"))
+    traced = []
+    method = _clipping_task_arithmetic(traced)
+    out = streamed(method, dirs)
+    assert traced == [outlier]  # compiled for the one tensor that needed it
+    np.testing.assert_array_equal(out["model/outlier"], np.full(outlier, 2.0, np.float32))
+    assert_bitwise_equal(out, _merged_in_memory(method, dirs))
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial):
+    """Per-tensor top-k over > 2**18 entries: the streaming kernel compiles the sampled
+    window only; a layout that misleads the sample needs the exact radix fallback, which
+    the merge then compiles, and both equal the in-memory merge."""
+    shape, n = (1024, 520), 1024 * 520
+    stride = stages.sample_stride(n)
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(shape).astype(np.float32)
+    dirs = []
+    for k in range(3):
+        tau = np.zeros(shape, np.float32) if k == 0 else rng.standard_normal(shape)
+        if adversarial and k:
+            tau.reshape(-1)[::stride] = 1e-3  # all the strided sample sees: below the rank
+        d = str(tmp_path / f"m{k}")
+        st.save_safetensors({"w": (base + tau).astype(np.float32)}, d)
+        dirs.append(d)
+    traced = []
+    original = stages.select_thresholds
+    streaming._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
+
+    def counting(*args, **kwargs):
+        traced.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages, "select_thresholds", counting)
+        out = streamed("ties", dirs, density=0.2, scope="tensor", topk="mergekit")
+    assert len(traced) == (2 if adversarial else 1)  # speculative, then exact if needed
+    assert_bitwise_equal(out, in_memory("ties", dirs, density=0.2, scope="tensor",
+                                        topk="mergekit"))

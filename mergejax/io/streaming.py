@@ -22,6 +22,7 @@ when complete) and resumes an interrupted run shard by shard.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -52,6 +53,7 @@ from mergejax.method import (
     leaf_key,
     raise_not_finite,
     run_statistics,
+    speculation,
 )
 from mergejax.tree import MergeError, is_float
 
@@ -314,19 +316,24 @@ class _WatchedContext(LeafContext):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "path", "static", "out_dtype",
-                                             "total_size", "stats_static", "check_finite"))
+                                             "total_size", "stats_static", "check_finite",
+                                             "speculative"))
 def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeMethod,
                 path: str, static, out_dtype: str, total_size: int, stats_static,
-                check_finite: bool):
+                check_finite: bool, speculative: bool):
     """One tensor's merge: the method's kernel on the upcast inputs, cast to ``out_dtype``,
-    and its ``max|out|`` when ``check_finite`` (the in-memory engine's per-leaf work)."""
+    its ``max|out|`` when ``check_finite`` (the in-memory engine's per-leaf work), and
+    whether every `speculate` of a ``speculative`` kernel took its common branch (if not,
+    the result is to be computed again without speculation)."""
     path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
     stats = _join_stats(stats_arrays, stats_static)
-    out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs, **hp)
+    with speculation() if speculative else contextlib.nullcontext([]) as assumed:
+        out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs,
+                            **hp)
     out = out.astype(out_dtype)
     peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
         if check_finite else None
-    return out, peak
+    return out, peak, jnp.all(jnp.stack(assumed)) if assumed else jnp.bool_(True)
 
 
 def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
@@ -374,6 +381,8 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     # hyperparameters: later tensors of such a group reuse the first one's path class, so
     # q_proj and k_proj of the same shape share one trace and one compiled function.
     shared_path: dict[Any, str] = {}
+    # Groups whose kernel needed a rare branch once: compiled with it from then on.
+    exact: set[Any] = set()
     todo = [t for t in plan.tensors if not skip(t)]
     with futures.ThreadPoolExecutor(1) as pool:
         # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
@@ -393,13 +402,17 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                      leaves.static[j][1], leaves.out_dtypes[j])
             path = shared_path.get(group, _path_class(tensor.path))
             traces, reads = _WatchedContext.snapshot()
-            out, peak = _merge_leaf(
-                b, xs, leaf_args(j), keyed(tensor.path), stats_arrays, method=method,
-                path=path, static=leaves.static[j][1], out_dtype=leaves.out_dtypes[j],
-                total_size=plan.total_size, stats_static=stats_static,
-                check_finite=check_finite)
+            merge = functools.partial(
+                _merge_leaf, b, xs, leaf_args(j), keyed(tensor.path), stats_arrays,
+                method=method, path=path, static=leaves.static[j][1],
+                out_dtype=leaves.out_dtypes[j], total_size=plan.total_size,
+                stats_static=stats_static, check_finite=check_finite)
+            out, peak, held = merge(speculative=group not in exact)
             if group not in shared_path and _WatchedContext.snapshot() == (traces + 1, reads):
                 shared_path[group] = path  # traced now, and the kernel never read the path
+            if not held:
+                exact.add(group)
+                out, peak, _ = merge(speculative=False)
             values = np.asarray(out)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)

@@ -19,7 +19,8 @@ value (`order_key`). A strided sample locates the high 16 bits of the wanted val
 window of such bins that holds it with high probability; one pass counts the keys above
 the window and histograms the keys inside it at full resolution, which gives the exact
 value. If the value fell outside the window, a two-pass radix select (high 16 bits, then
-low 16 bits) runs instead, under `lax.cond`. Inputs of up to 2**18 entries skip the
+low 16 bits) runs instead, under `lax.cond` (`mergejax.speculate`: a streaming merge
+compiles it only for a tensor that needs it). Inputs of up to 2**18 entries skip the
 sample, and up to 2**12 (or float64 inputs) are sorted.
 
 A global (model-wide) threshold folds the histograms over leaves
@@ -59,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mergejax.method import StatisticsPass, as_stored, fused_reduce
+from mergejax.method import StatisticsPass, as_stored, fused_reduce, speculate
 from mergejax.tree import MergeError
 
 __all__ = [
@@ -527,7 +528,7 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
             return thresholds
         return lax.cond(jnp.any(window.shift > 0), refine, lambda _: thresholds, None)
 
-    return _edges(lax.cond(jnp.all(found), windowed, radix, None), ranks, size, k)
+    return _edges(speculate(jnp.all(found), windowed, radix, None), ranks, size, k)
 
 
 def kth_largest(x: Array, rank: int | Array) -> Array:
