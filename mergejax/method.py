@@ -359,6 +359,20 @@ class MergeMethod:
     statistics: tuple[Callable[..., Any], ...] = ()
     validate: Callable[..., None] | None = None
     batched: bool | Callable[..., Any] = False
+    reshape_invariant: bool | Callable[[dict[str, Any]], bool] = False
+
+    def is_reshape_invariant(self, static_hparams: dict[str, Any]) -> bool:
+        """Whether the kernel, with these static hyperparameters, gives every leaf's
+        result bit for bit from any reshaped view of it (`leafwise`'s
+        ``reshape_invariant``).
+
+        Example::
+
+            mergejax.get_method("ties").is_reshape_invariant({"scope": "tensor"})  # True
+        """
+        if callable(self.reshape_invariant):
+            return bool(self.reshape_invariant(static_hparams))
+        return self.reshape_invariant
 
     def __call__(self, base: PyTree | None, models: Sequence[PyTree], *,
                  key: jax.Array | None = None, out_dtype: Any = None,
@@ -619,6 +633,7 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
              statistics: Sequence[Callable[..., Any]] = (),
              validate: Callable[..., None] | None = None,
              batched: bool | Callable[..., Any] = False,
+             reshape_invariant: bool | Callable[[dict[str, Any]], bool] = False,
              register: bool = True) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
     """Decorator: turns a leaf kernel into a `MergeMethod`, registered unless
     ``register=False`` (for a private method used only by its own code).
@@ -645,6 +660,13 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
     hashable`` also splits groups by its value, for kernels that decide something from
     the path (`mergejax.methods.matrices.batch_key`: which leaves are matrices). It costs
     one copy of each group's inputs.
+    ``reshape_invariant=True`` declares that each entry of a leaf's result depends only
+    on the inputs at that entry (in row-major order) and on tensor-wide quantities that
+    do not depend on the shape (exact order statistics, counts; not floating-point sums,
+    whose rounding follows the layout), so the kernel run on any reshaped view gives the
+    same bits: a streaming merge then compiles one kernel per tensor size, not per shape (a
+    Llama's ``gate_proj``, ``up_proj`` and ``down_proj`` share one). A function of the
+    leaf's static hyperparameters when it depends on them.
     """
 
     def wrap(kernel: Callable[..., jax.Array]) -> MergeMethod:
@@ -656,7 +678,7 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
             coefficients=frozenset(coefficients), per_model=frozenset(per_model),
             family=family, paper=paper, needs_base=needs_base, uses_key=uses_key,
             min_models=min_models, max_models=max_models, statistics=tuple(statistics),
-            validate=validate, batched=batched)
+            validate=validate, batched=batched, reshape_invariant=reshape_invariant)
         object.__setattr__(method, "__doc__", kernel.__doc__)
         params = [inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD),
                   inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD)]

@@ -141,9 +141,10 @@ def _merged_in_memory(method: MergeMethod, dirs: list[str]) -> dict[str, np.ndar
     return {p: np.asarray(v) for p, v in flatten_paths(method(base, models)).items()}
 
 
-def _scaled_task_arithmetic(scale_of, traced):
+def _scaled_task_arithmetic(scale_of, traced, reshape_invariant=False):
     """A task arithmetic whose kernel counts its traces and scales by ``scale_of(ctx)``."""
-    @mergejax.leafwise("_scaled_ta", family="basic", paper="-", register=False)
+    @mergejax.leafwise("_scaled_ta", family="basic", paper="-", register=False,
+                       reshape_invariant=reshape_invariant)
     def kernel(ctx, base, models):
         traced.append(1)
         return base + scale_of(ctx) * sum(x - base for x in models)
@@ -156,6 +157,22 @@ def test_kernels_that_never_read_the_path_are_traced_once_per_shape(checkpoints)
     out = streamed(method, checkpoints)
     assert len(traced) == 5  # the five shapes of `llama_spec`
     assert_bitwise_equal(out, _merged_in_memory(method, checkpoints))
+
+
+def test_reshape_invariant_kernels_are_traced_once_per_size(checkpoints):
+    traced = []
+    method = _scaled_task_arithmetic(lambda ctx: 0.5, traced, reshape_invariant=True)
+    out = streamed(method, checkpoints)
+    assert len(traced) == 4  # up_proj (16, 8) and down_proj (8, 16) share a flat kernel
+    assert_bitwise_equal(out, _merged_in_memory(method, checkpoints))
+
+
+@pytest.mark.parametrize("name,hparams,invariant", [
+    ("ties", {}, True), ("ties", {"scope": "tensor"}, True), ("breadcrumbs", {}, True),
+    ("dare_ties", {"rescale": "density"}, True), ("dare_ties", {"rescale": "l1"}, False),
+    ("della", {}, False), ("linear", {}, True), ("slerp", {}, False)])
+def test_which_methods_declare_reshape_invariance(name, hparams, invariant):
+    assert registry.get_method(name).is_reshape_invariant(hparams) is invariant
 
 
 def test_kernels_that_read_the_path_are_traced_per_name(checkpoints):
@@ -184,9 +201,9 @@ def test_statistics_passes_read_only_the_leaves_they_need(checkpoints, monkeypat
     reads: dict[str, int] = {}
     original = streaming._Reader.read  # pylint: disable=protected-access
 
-    def counting(self, path):
+    def counting(self, path, flat=False):
         reads[path] = reads.get(path, 0) + 1
-        return original(self, path)
+        return original(self, path, flat)
 
     monkeypatch.setattr(streaming._Reader, "read", counting)  # pylint: disable=protected-access
     streamed("ties", checkpoints, scope=scope)

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -243,10 +244,12 @@ class _Reader:
                 else jax.sharding.PartitionSpec())
         return jax.device_put(x, jax.sharding.NamedSharding(self._mesh, spec))
 
-    def read(self, path: str) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
+    def read(self, path: str, flat: bool = False
+             ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
+        """The tensor at ``path`` of the base (None without one) and of every model;
+        ``flat``: in their `_canonical` shape (a free view before they go to the device)."""
         reference = (self._base or self._models[0]).load(path)
-        base = self._put(reference) if self._base is not None else None
-        models = []
+        inputs = [reference] if self._base is not None else []
         for k, ckpt in enumerate(self._models):
             if self._base is None and k == 0:
                 x = reference
@@ -254,16 +257,27 @@ class _Reader:
                 x = ckpt.load(path)
                 if path in self._plan.vocab_rows:
                     x = _fit_rows(x, reference)
-            models.append(self._put(x))
-        return base, tuple(models)
+            inputs.append(x)
+        arrays = [self._put(x.reshape(_canonical(x.size)) if flat else x) for x in inputs]
+        return (arrays[0] if self._base is not None else None,
+                tuple(arrays[1 if self._base is not None else 0:]))
 
-    def load(self, path: str) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
+    def load(self, path: str, flat: bool = False
+             ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
         """`read`, waiting until the arrays are on the device (for a prefetching thread)."""
-        return jax.block_until_ready(self.read(path))
+        return jax.block_until_ready(self.read(path, flat))
 
     def release(self, path: str) -> None:
         for ckpt in ([self._base] if self._base is not None else []) + self._models:
             ckpt.release(path)
+
+
+def _canonical(size: int) -> tuple[int, int]:
+    """The shape a reshape-invariant kernel sees for a tensor of ``size`` entries: rows of
+    ``gcd(size, 1024)`` (XLA:CPU compiles and runs 1-D views of millions of entries about
+    1.3x slower than these)."""
+    cols = math.gcd(size, 1024) or 1
+    return size // cols, cols
 
 
 def _path_class(path: str) -> str:
@@ -384,10 +398,15 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     # Groups whose kernel needed a rare branch once: compiled with it from then on.
     exact: set[Any] = set()
     todo = [t for t in plan.tensors if not skip(t)]
+    # Kernels that give the same bits on any view of a tensor run on `_canonical` ones: one
+    # compile per size, so a Llama's gate_proj, up_proj and down_proj share one.
+    flat = {t.path: mesh is None and method.is_reshape_invariant(dict(leaves.static[t.leaf][1]))
+            for t in todo if t.leaf is not None}
     with futures.ThreadPoolExecutor(1) as pool:
         # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
         # this one merges (or compiles) and the caller writes the previous ones.
-        submitted = (pool.submit(reader.load, t.path) for t in todo if t.leaf is not None)
+        submitted = (pool.submit(reader.load, t.path, flat[t.path])
+                     for t in todo if t.leaf is not None)
         loads = collections.deque(itertools.islice(submitted, _AHEAD))
         for tensor in todo:
             if tensor.leaf is None:
@@ -413,7 +432,7 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             if not held:
                 exact.add(group)
                 out, peak, _ = merge(speculative=False)
-            values = np.asarray(out)
+            values = np.asarray(out).reshape(tensor.shape)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)
             reader.release(tensor.path)

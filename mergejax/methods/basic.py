@@ -60,7 +60,8 @@ def _guarded_divisor(total: Array, tiny: float) -> Array:
 
 
 @leafwise("linear", family="basic", paper="Wortsman et al. 2022, Model soups (arXiv 2203.05482)",
-          coefficients=("weights",), per_model=("weights",), needs_base=False)
+          coefficients=("weights",), per_model=("weights",), needs_base=False,
+          reshape_invariant=True)
 def linear(ctx: LeafContext, base: Array | None, models: tuple[Array, ...], *,
            weights=None, normalize: bool = True) -> Array:
     """Weighted average ``sum_i w_i theta_i / sum_i w_i`` (a uniform soup when ``weights``
@@ -83,7 +84,7 @@ def linear(ctx: LeafContext, base: Array | None, models: tuple[Array, ...], *,
 
 @leafwise("task_arithmetic", family="basic",
           paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)",
-          coefficients=("weights", "scale"), per_model=("weights",))
+          coefficients=("weights", "scale"), per_model=("weights",), reshape_invariant=True)
 def task_arithmetic(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
                     weights=None, scale=1.0, normalize: bool = False) -> Array:
     """``theta_0 + scale * sum_i w_i (theta_i - theta_0)``.

@@ -246,12 +246,26 @@ def sparse_task_vector(ctx: LeafContext, base: Array, models: tuple[Array, ...],
     return scale * combined
 
 
+def _reshape_invariant(settings_fn):
+    """`leafwise`'s ``reshape_invariant`` for stage settings ``settings_fn(hparams)``:
+    magnitude and outlier trims (exact thresholds from counts), random masks (drawn by
+    flat index), sign election and the disjoint combine work entry by entry; the norm
+    rescales ("l1", "l2", "linf") sum in an order that follows the shape, and DELLA's
+    "magprune" ranks within rows."""
+    def invariant(hparams: dict) -> bool:
+        settings = settings_fn(hparams)
+        return (settings["sparsify"] in ("none", "random", *_MAGNITUDE_BASED)
+                and settings["rescale"] in ("none", "density"))
+    return invariant
+
+
 def _preset(name: str, paper: str, *, uses_key: bool = False, **fixed):
     """`leafwise` for a preset of the pipeline; ``fixed`` are the stage settings it does
     not expose as hyperparameters (e.g. ``sparsify="magnitude"`` for TIES)."""
     return leafwise(name, family="sparse", paper=paper, coefficients=("weights", "scale"),
                     per_model=("weights",), uses_key=uses_key,
-                    statistics=_statistics(_fixed(fixed)), validate=_validator(_fixed(fixed)))
+                    statistics=_statistics(_fixed(fixed)), validate=_validator(_fixed(fixed)),
+                    reshape_invariant=_reshape_invariant(_fixed(fixed)))
 
 
 _TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)"
@@ -263,7 +277,8 @@ _BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06
 @leafwise("sparse_merge", family="sparse",
           paper="mergekit generalized task arithmetic; the stages of TIES / DARE / DELLA",
           coefficients=("weights", "scale"), per_model=("weights",), uses_key="optional",
-          statistics=_statistics(_fixed({})), validate=_validator(_fixed({})))
+          statistics=_statistics(_fixed({})), validate=_validator(_fixed({})),
+          reshape_invariant=_reshape_invariant(_fixed({})))
 def sparse_merge(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
                  weights=None, scale=1.0, sparsify: str = "magnitude", density: float = 1.0,
                  scope: str = "tensor", topk: str = "mergekit", gamma: float = 0.01,
