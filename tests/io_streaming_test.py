@@ -179,8 +179,9 @@ def test_reshape_invariant_kernels_are_traced_once_per_size(checkpoints):
 
 @pytest.mark.parametrize("name,hparams,invariant", [
     ("ties", {}, True), ("ties", {"scope": "tensor"}, True), ("breadcrumbs", {}, True),
-    ("dare_ties", {"rescale": "density"}, True), ("dare_ties", {"rescale": "l1"}, False),
-    ("della", {}, False), ("linear", {}, True), ("slerp", {}, False)])
+    ("dare_ties", {"rescale": "density"}, True), ("dare_ties", {"rescale": "l1"}, True),
+    ("della", {}, False), ("linear", {}, True), ("slerp", {}, True),
+    ("model_stock", {}, False)])
 def test_which_methods_declare_reshape_invariance(name, hparams, invariant):
     assert registry.get_method(name).is_reshape_invariant(hparams) is invariant
 

@@ -28,7 +28,6 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -50,6 +49,7 @@ from mergejax.method import (
     LeafContext,
     LeafPlan,
     MergeMethod,
+    canonical_view,
     leaf_inputs,
     leaf_key,
     raise_not_finite,
@@ -247,7 +247,7 @@ class _Reader:
     def read(self, path: str, flat: bool = False
              ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
         """The tensor at ``path`` of the base (None without one) and of every model;
-        ``flat``: in their `_canonical` shape (a free view before they go to the device)."""
+        ``flat``: as their `canonical_view` (a free view before they go to the device)."""
         reference = (self._base or self._models[0]).load(path)
         inputs = [reference] if self._base is not None else []
         for k, ckpt in enumerate(self._models):
@@ -258,7 +258,7 @@ class _Reader:
                 if path in self._plan.vocab_rows:
                     x = _fit_rows(x, reference)
             inputs.append(x)
-        arrays = [self._put(x.reshape(_canonical(x.size)) if flat else x) for x in inputs]
+        arrays = [self._put(x.reshape(canonical_view(x.size)) if flat else x) for x in inputs]
         return (arrays[0] if self._base is not None else None,
                 tuple(arrays[1 if self._base is not None else 0:]))
 
@@ -270,14 +270,6 @@ class _Reader:
     def release(self, path: str) -> None:
         for ckpt in ([self._base] if self._base is not None else []) + self._models:
             ckpt.release(path)
-
-
-def _canonical(size: int) -> tuple[int, int]:
-    """The shape a reshape-invariant kernel sees for a tensor of ``size`` entries: rows of
-    ``gcd(size, 1024)`` (XLA:CPU compiles and runs 1-D views of millions of entries about
-    1.3x slower than these)."""
-    cols = math.gcd(size, 1024) or 1
-    return size // cols, cols
 
 
 def _path_class(path: str) -> str:
@@ -398,8 +390,8 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     # Groups whose kernel needed a rare branch once: compiled with it from then on.
     exact: set[Any] = set()
     todo = [t for t in plan.tensors if not skip(t)]
-    # Kernels that give the same bits on any view of a tensor run on `_canonical` ones: one
-    # compile per size, so a Llama's gate_proj, up_proj and down_proj share one.
+    # Kernels that give the same bits on any view of a tensor run on its `canonical_view`:
+    # one compile per size, so a Llama's gate_proj, up_proj and down_proj share one.
     flat = {t.path: mesh is None and method.is_reshape_invariant(dict(leaves.static[t.leaf][1]))
             for t in todo if t.leaf is not None}
     with futures.ThreadPoolExecutor(1) as pool:

@@ -127,7 +127,7 @@ def slerp_arrays(t: Array, v0: Array, v1: Array, *, parallel_threshold: float = 
 
 
 @leafwise("slerp", family="basic", paper="Shoemake 1985; mergekit slerp",
-          coefficients=("t",), needs_base=False, max_models=2)
+          coefficients=("t",), needs_base=False, max_models=2, reshape_invariant=True)
 def slerp(ctx: LeafContext, base: Array | None, models: tuple[Array, ...], *,
           t=0.5, parallel_threshold: float = 0.9995, eps: float = 1e-8) -> Array:
     """Spherical linear interpolation, ``t=0`` at the first endpoint, ``t=1`` at the second.
