@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import nnx
 
 from mergejax.learned.loop import check_heads, check_task_batches, task_logits
-from mergejax.tree import MergeError, PyTree, is_float
+from mergejax.tree import MergeError, PyTree, is_float, unjitted
 
 __all__ = [
     "FISHER_MODES",
@@ -300,7 +300,7 @@ def dense_input_grams(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
         grams = dense_input_grams(lambda p, x: vit.apply({"params": p}, x), params, batches)
         grams["resblocks_0/mlp_fc/kernel"].mean()   # (width, width)
     """
-    apply_fn = _without_jit(apply_fn)
+    apply_fn = unjitted(apply_fn)
 
     def per_batch(batch):
         try:
@@ -312,14 +312,6 @@ def dense_input_grams(apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
                 "the inner jax.jit (dense_input_grams compiles it)") from e
 
     return _accumulate("dense_input_grams", per_batch, batches, num_batches)
-
-
-def _without_jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` without its ``jax.jit`` wrappers: interception records a layer's input in
-    the trace that calls the layer, which must be `_linen_grams`'s own."""
-    while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
 
 
 _NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral)

@@ -11,7 +11,7 @@ are copied from.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ __all__ = [
     "tree_scale",
     "tree_sub",
     "tree_weighted_sum",
+    "unjitted",
     "unstack_tree",
 ]
 
@@ -202,3 +203,18 @@ def unstack_tree(stacked: PyTree) -> list[PyTree]:
         return []
     k = leaves[0].shape[0]
     return [treedef.unflatten([leaf[i] for leaf in leaves]) for i in range(k)]
+
+
+def unjitted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` without its ``jax.jit`` wrappers. Code that intercepts a model's layers
+    (`flax.linen.intercept_methods`) must run the layers in its own trace: through a jitted
+    ``apply_fn`` they would run in the inner jit's trace (a leaked tracer) or, cached, not
+    at all. The caller's own jit compiles the unwrapped function anyway.
+
+    Example::
+
+        apply_fn = unjitted(jax.jit(lambda p, x: model.apply({"params": p}, x)))
+    """
+    while hasattr(fn, "lower") and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn

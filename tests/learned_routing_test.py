@@ -467,3 +467,14 @@ def test_registry_requires_data():
 ])
 def test_default_routed_pattern(path, routed):
     assert bool(re.search(routing.DEFAULT_ROUTED, path)) == routed
+
+
+def test_wemoe_with_a_jitted_apply_fn_routes_the_same_layers():
+    """A jitted apply_fn runs its Linen layers in the inner jit's trace, where WEMoE's
+    interception cannot see (or leaks) them; WEMoE unwraps it."""
+    base, models, x = vit_setup()
+    kw = dict(batches=[cycle(x)] * K, steps=1, init_lambda=0.3, optimizer=FROZEN)
+    plain = routing.wemoe(base, models, apply_fn=vit_fn, **kw)
+    jitted = routing.wemoe(base, models, apply_fn=jax.jit(vit_fn), **kw)
+    assert jitted.layout == plain.layout == (("resblocks_0/mlp_fc", "resblocks_0/mlp_proj"),)
+    np.testing.assert_allclose(jitted.apply(x), plain.apply(x), rtol=1e-5, atol=1e-6)

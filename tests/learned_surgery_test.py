@@ -351,3 +351,17 @@ def test_bad_input_v2_and_prob():
     with pytest.raises(MergeError, match="2 heads for 1 models"):
         S.probsurgery(BASE, EXPERTS[:1], heads=HEADS, apply_fn=apply_fn,
                       batches=batches()[:1], key=jax.random.key(0))
+
+
+def test_deep_forward_of_a_jitted_apply_fn_sees_its_layers():
+    """A jitted apply_fn runs its Linen layers in the inner jit's trace; deep surgery
+    unwraps it to intercept them."""
+    modules = _random_modules(5)
+    x = TOKENS[0][0]
+    want_out, want_hidden = S.forward(apply_fn, BASE, x, modules, S.DEFAULT_LAYERS)
+    out, hidden = jax.jit(lambda p, b: S.forward(jax.jit(apply_fn), p, b, modules,
+                                                 S.DEFAULT_LAYERS))(BASE, x)
+    assert set(hidden) == set(want_hidden) == {"block_0", "block_1"}
+    for name in hidden:
+        np.testing.assert_allclose(hidden[name], want_hidden[name], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)

@@ -66,7 +66,7 @@ from mergejax.learned.loop import (
     optimize,
     task_logits,
 )
-from mergejax.tree import MergeError, PyTree, check_compatible
+from mergejax.tree import MergeError, PyTree, check_compatible, unjitted
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -187,6 +187,7 @@ def forward(apply_fn: ApplyFn, params: PyTree, batch: Any,
     if layers is None:
         outputs = apply_fn(params, batch)
     else:
+        apply_fn = unjitted(apply_fn)  # its layers must run in this trace
         pattern = re.compile(layers)
 
         def interceptor(next_fun, args, kwargs, context):

@@ -56,6 +56,7 @@ from mergejax.tree import (
     check_compatible,
     flatten_with_paths,
     is_float,
+    unjitted,
 )
 
 __all__ = [
@@ -177,7 +178,7 @@ def _discover(apply_fn: ApplyFn, params: PyTree, batch: Any, routed: str,
 
     def traced(p, b):
         with nn.intercept_methods(record):
-            return apply_fn(p, b)
+            return unjitted(apply_fn)(p, b)  # its layers must run in this trace
 
     jax.eval_shape(traced, params, batch)
     if not groups:
@@ -235,7 +236,7 @@ def _moe_apply(apply_fn: ApplyFn, layout: Layout, batch_reduce: bool, params: Py
         return y + _expert_delta(x, experts[g][j], weights[g]).astype(y.dtype)
 
     with nn.intercept_methods(intercept):
-        return apply_fn(params, batch)
+        return unjitted(apply_fn)(params, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "head", "layout", "batch_reduce"))
