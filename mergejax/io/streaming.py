@@ -259,8 +259,9 @@ class _Reader:
                     x = _fit_rows(x, reference)
             inputs.append(x)
         arrays = [self._put(x.reshape(canonical_view(x.size)) if flat else x) for x in inputs]
-        return (arrays[0] if self._base is not None else None,
-                tuple(arrays[1 if self._base is not None else 0:]))
+        if self._base is None:
+            return None, tuple(arrays)
+        return arrays[0], tuple(arrays[1:])
 
     def load(self, path: str, flat: bool = False
              ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
