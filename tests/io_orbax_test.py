@@ -145,7 +145,8 @@ def test_lazy_reads_of_single_leaves(saved):
                 assert _same(got, x), info.path
                 loaded = ckpt.load(info.path)
                 assert _same(loaded, x) and loaded.flags.writeable, info.path
-                assert loaded.ctypes.data % DEVICE_ALIGNMENT == 0, info.path
+                assert not loaded.size or loaded.ctypes.data % DEVICE_ALIGNMENT == 0, \
+                    info.path
                 ckpt.release(info.path)
         assert ckpt.info("ids").dtype == np.int64
         many = ckpt.read_many(["layers/1/w", "enc/bias"])

@@ -35,7 +35,8 @@ DEVICE_ALIGNMENT = 64
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised, writable array whose data is `DEVICE_ALIGNMENT`-byte aligned, so
-    that ``jax.device_put(x, may_alias=True)`` uses it without a copy on CPU.
+    that ``jax.device_put(x, may_alias=True)`` uses it without a copy on CPU (an empty
+    array has no data to align).
 
     Example::
 
