@@ -181,7 +181,8 @@ def test_reshape_invariant_kernels_are_traced_once_per_size(checkpoints):
     ("ties", {}, True), ("ties", {"scope": "tensor"}, True), ("breadcrumbs", {}, True),
     ("dare_ties", {"rescale": "density"}, True), ("dare_ties", {"rescale": "l1"}, True),
     ("della", {}, False), ("linear", {}, True), ("slerp", {}, True),
-    ("model_stock", {}, False)])
+    ("model_stock", {}, True), ("metagpt", {"scope": "tensor"}, True),
+    ("tsv_m", {}, False)])
 def test_which_methods_declare_reshape_invariance(name, hparams, invariant):
     assert registry.get_method(name).is_reshape_invariant(hparams) is invariant
 

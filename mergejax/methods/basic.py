@@ -280,7 +280,8 @@ def karcher(ctx: LeafContext, base: Array | None, models: tuple[Array, ...], *,
 
 
 @leafwise("model_stock", family="basic",
-          paper="Jang et al. 2024, Model Stock (arXiv 2403.19522)", min_models=2)
+          paper="Jang et al. 2024, Model Stock (arXiv 2403.19522)", min_models=2,
+          reshape_invariant=True)
 def model_stock(ctx: LeafContext, base: Array, models: tuple[Array, ...]) -> Array:
     """``t * mean_i theta_i + (1 - t) * theta_0`` with ``t = N c / (1 + (N - 1) c)``.
 
@@ -335,7 +336,7 @@ def _squares(base: Array, models: tuple[Array, ...]) -> tuple[Array, ...]:
 
 @leafwise("metagpt", family="basic",
           paper="Zhou et al. 2024, MetaGPT: model exclusive task arithmetic (arXiv 2406.11385)",
-          statistics=(_squared_norms,), validate=check_scope)
+          statistics=(_squared_norms,), validate=check_scope, reshape_invariant=True)
 def metagpt(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
             scope: str = "global") -> Array:
     """Task arithmetic with closed-form per-task coefficients
