@@ -9,8 +9,10 @@ A method is written once, as a *leaf kernel* that merges the K values of one lea
 
 `leafwise` turns it into a `MergeMethod`: ``method(base, models, **hparams)`` validates the
 trees, resolves every hyperparameter per leaf (`mergejax.rules`), upcasts to float32, runs
-the kernels for all leaves inside one cached ``jax.jit``, and casts each leaf back to its
-base dtype. Non-floating leaves are copied from the base (or the first model).
+the kernels for all leaves inside one cached ``jax.jit`` (or, for large models of concrete
+arrays, one cached compiled kernel per group of same-shaped leaves: `LeafKernels`), and
+casts each leaf back to its base dtype. Non-floating leaves are copied from the base (or
+the first model).
 
 Static structure, traced numbers: hyperparameters named in ``coefficients`` are passed to
 the compiled function as arrays, so sweeping them never recompiles and ``jax.grad`` flows
@@ -29,6 +31,7 @@ import functools
 import hashlib
 import inspect
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -48,9 +51,9 @@ from mergejax.tree import (
     is_float,
 )
 
-__all__ = ["REQUIRED", "LeafContext", "LeafPlan", "MergeMethod", "StatisticsPass", "as_stored",
-           "canonical_view", "fused_reduce", "leaf_key", "leafwise", "speculate",
-           "speculation"]
+__all__ = ["PER_LEAF_MIN_SIZE", "REQUIRED", "LeafContext", "LeafKernels", "LeafPlan",
+           "MergeMethod", "StatisticsPass", "as_stored", "canonical_view", "fused_reduce",
+           "leaf_key", "leafwise", "speculate", "speculation"]
 
 REQUIRED = registry.REQUIRED
 
@@ -203,11 +206,11 @@ def speculation() -> Iterator[list[jax.Array]]:
     """Within it, tracing compiles only the common branch of each `speculate` and collects
     its (traced) predicates in the yielded list: return ``jnp.all`` of them from the
     compiled function, and where that is False, run the function compiled outside
-    `speculation`. Streaming merges use it so that a per-tensor kernel does not compile
-    an exact fallback that the tensors rarely need (per-tensor top-k: the radix select;
-    a 0.5B Llama's TIES, first calls of its 5 kernels: 14.4 -> 10.9 s). The common
-    branch's result passes through ``lax.optimization_barrier``: without it XLA fused its
-    small outputs into their consumers and the kernels ran 1.5x slower.
+    `speculation`. Per-leaf and streaming merges (`LeafKernels`) use it so that a kernel
+    does not compile an exact fallback that the leaves rarely need (per-tensor top-k: the
+    radix select; a 0.5B Llama's TIES, first calls of its 5 kernels: 14.4 -> 10.9 s).
+    The common branch's result passes through ``lax.optimization_barrier``: without it
+    XLA fused its small outputs into their consumers and the kernels ran 1.5x slower.
 
     Example::
 
@@ -362,7 +365,16 @@ class MergeMethod:
     """A registered merge: a leaf kernel plus what the engine needs to run it.
 
     Call it as ``method(base, models, *, key=None, out_dtype=None, check_finite=True,
-    **hparams)``. ``hparams`` are listed in `hparams` with their defaults.
+    per_leaf=None, **hparams)``. ``hparams`` are listed in `hparams` with their defaults.
+
+    ``per_leaf`` picks how the leaves run, with the same result bit for bit: False, one
+    compiled program over all leaves (what ``jax.jit`` of a merge traces into); True, one
+    compiled kernel per group of same-shaped leaves (`LeafKernels`), run leaf after leaf,
+    so compile time grows with the number of distinct leaf shapes, not with depth, and
+    memory holds one leaf's temporaries (ViT-B/32, 8 models, per-tensor TIES: first call
+    109 -> 14 s, peak 7.8 -> 2.1 models above the inputs, each later call ~13% slower).
+    None (default): per leaf for concrete inputs with at least `PER_LEAF_MIN_SIZE` entries
+    and a method that is not ``batched``.
     """
 
     name: str
@@ -396,7 +408,8 @@ class MergeMethod:
 
     def __call__(self, base: PyTree | None, models: Sequence[PyTree], *,
                  key: jax.Array | None = None, out_dtype: Any = None,
-                 check_finite: bool = True, **hparams: Any) -> PyTree:
+                 check_finite: bool = True, per_leaf: bool | None = None,
+                 **hparams: Any) -> PyTree:
         models = self._check_models(base, models)
         reference = base if base is not None else models[0]
         paths, ref_leaves, treedef = flatten_with_paths(reference)
@@ -405,11 +418,16 @@ class MergeMethod:
         merged = [i for i, leaf in enumerate(ref_leaves) if is_float(leaf)]
         plan = self.plan([paths[i] for i in merged], [ref_leaves[i] for i in merged],
                          len(models), key=key, out_dtype=out_dtype, **hparams)
-        outs, peaks = _run_kernels(
-            self, plan.static, plan.out_dtypes, bool(check_finite),
-            [base_leaves[i] for i in merged] if base_leaves is not None else None,
-            [tuple(ml[i] for ml in model_leaves) for i in merged],
-            plan.coefficients, key)
+        args = ([base_leaves[i] for i in merged] if base_leaves is not None else None,
+                [tuple(ml[i] for ml in model_leaves) for i in merged], plan.coefficients, key)
+        if per_leaf is None:
+            per_leaf = (not self.batched and not _holds_tracer(jax.tree.leaves(args))
+                        and sum(ref_leaves[i].size for i in merged) >= PER_LEAF_MIN_SIZE)
+        if per_leaf:
+            outs, peaks = _run_per_leaf(self, plan, bool(check_finite), *args)
+        else:
+            outs, peaks = _run_kernels(self, plan.static, plan.out_dtypes, bool(check_finite),
+                                       *args)
         if peaks and not _is_tracer(peaks[0]):
             self._raise_if_not_finite(peaks, merged, plan.paths, base_leaves, model_leaves)
 
@@ -512,6 +530,8 @@ class MergeMethod:
                          f"model, got {value!r}")
 
     def _raise_if_not_finite(self, peaks, merged, paths, base_leaves, model_leaves) -> None:
+        if np.isfinite(float(_all_of(peaks, jnp.max))):  # one transfer, not one per leaf
+            return
         bad = np.flatnonzero(~np.isfinite(np.asarray(jax.device_get(peaks))))
         if bad.size == 0:
             return
@@ -576,6 +596,25 @@ def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
     return stats
 
 
+#: Entries (over all merged leaves) from which a merge of concrete arrays runs per leaf
+#: (`MergeMethod`'s ``per_leaf=None``): 4M, so small models (and most tests) compile one
+#: program, and a ViT-B's (88M) or an LLM's compile time follows its distinct leaf shapes.
+PER_LEAF_MIN_SIZE = 1 << 22
+
+
+def _prepared(method: MergeMethod, plan, base_leaves, model_leaves, coefficients, key):
+    """``(inputs, total_size, keys, stats)``: every leaf's `leaf_inputs`, the number of
+    merged entries, the leaf keys and ``ctx.stats`` (all statistics passes)."""
+    inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
+                          model_leaves[j], {n: c[j] for n, c in coefficients.items()})
+              for j, (path, static) in enumerate(plan)]
+    total_size = sum(xs[0].size for _, _, xs, _, _ in inputs)
+    keys = _leaf_keys(key, [path for path, *_ in inputs])
+    stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
+                           total_size)
+    return inputs, total_size, keys, stats
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base_leaves,
                  model_leaves, coefficients, key):
@@ -586,14 +625,8 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     scalars: one stacked array would make XLA fuse all leaves' reductions together, which
     measured 2-3x slower to compile.
     """
-    inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
-                          model_leaves[j], {n: c[j] for n, c in coefficients.items()})
-              for j, (path, static) in enumerate(plan)]
-    total_size = sum(xs[0].size for _, _, xs, _, _ in inputs)
-    keys = _leaf_keys(key, [path for path, *_ in inputs])
-    stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
-                           total_size)
-
+    inputs, total_size, keys, stats = _prepared(method, plan, base_leaves, model_leaves,
+                                                coefficients, key)
     if method.batched:
         outs = _batched_kernels(method, plan, out_dtypes, inputs, keys, stats, total_size)
     else:
@@ -604,6 +637,201 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     peaks = [jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)
              for out in outs] if check_finite else []
     return outs, (peaks if check_finite else None)
+
+
+def _signature(method: MergeMethod, plan, args) -> Any:
+    """What fixes the structure of a merge's statistics: the method, the plan's static
+    part and the inputs' tree, shapes and dtypes (traced or concrete)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return method, plan, treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+
+
+#: `_statistics`' static part (Python values such as counts, and the tree) per `_signature`,
+#: recorded when it traces: a compiled function returns arrays only.
+_STATISTICS_STATIC: dict[Any, Any] = {}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _statistics(method: MergeMethod, plan, base_leaves, model_leaves, coefficients, key):
+    """The arrays of ``ctx.stats`` of a merge, every statistics pass over every leaf in one
+    compiled function (`_run_per_leaf`'s first step); `_split_stats`' static rest goes to
+    `_STATISTICS_STATIC`."""
+    args = (base_leaves, model_leaves, coefficients, key)
+    arrays, static = _split_stats(_prepared(method, plan, *args)[3])
+    _STATISTICS_STATIC[_signature(method, plan, args)] = static
+    return arrays
+
+
+def _run_per_leaf(method: MergeMethod, plan: LeafPlan, check_finite: bool, base_leaves,
+                  model_leaves, coefficients, key):
+    """`_run_kernels`' results from `LeafKernels`, leaf after leaf. Kernels that
+    `speculate` are checked once all leaves ran (one device-to-host copy), and the
+    leaves whose assumption failed run again without speculation."""
+    concrete = not _holds_tracer(jax.tree.leaves((base_leaves, model_leaves, coefficients,
+                                                  key)))
+    stats: tuple[Any, ...] = ()
+    if method.statistics:
+        args = (base_leaves, model_leaves, coefficients, key)
+        arrays = _statistics(method, plan.static, *args)
+        stats = _join_stats(arrays, _STATISTICS_STATIC[_signature(method, plan.static, args)])
+    total_size = sum(math.prod(xs[0].shape) for xs in model_leaves)
+    kernels = LeafKernels(method, plan, stats, total_size, check_finite=check_finite,
+                          speculative=concrete)
+    keys = _leaf_keys(key, list(plan.paths))
+    bases = base_leaves if base_leaves is not None else [None] * len(model_leaves)
+    results = [kernels.run(j, bases[j], model_leaves[j], keys[j])
+               for j in range(len(model_leaves))]
+    if concrete and not _all_of([r[2] for r in results], jnp.all):
+        held = np.asarray(jax.device_get([r[2] for r in results]), bool)
+        for j in np.flatnonzero(~held):
+            results[j] = kernels.run_exact(j, bases[j], model_leaves[j], keys[j]) + (None,)
+    outs = [r[0] for r in results]
+    return outs, ([r[1] for r in results] if check_finite else None)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _all_of(scalars: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> jax.Array:
+    """``reduce`` of per-leaf scalars (their max, their all) in one compiled call."""
+    return reduce(jnp.stack(scalars))
+
+
+def _path_class(path: str) -> str:
+    """``path`` with its layer numbers (``layers/3``, Flax's ``block_3``) replaced by ``#``:
+    leaves of every layer share one compiled kernel (kernels decide from names such as
+    ``kernel``/``bias``, never from a layer number)."""
+    return re.sub(r"(?:^|(?<=/)|(?<=_))\d+(?=/|$)", "#", path)
+
+
+#: Per (method, leaf group): the path a kernel that never read ``ctx.path`` was traced
+#: with, which every leaf of the group then passes (one trace, one compiled function).
+_SHARED_PATH: dict[Any, str] = {}
+
+
+def _split_stats(stats: tuple[Any, ...]) -> tuple[list[Any], Any]:
+    """Statistics as traced arrays plus a hashable rest (Python values such as counts)."""
+    leaves, treedef = jax.tree.flatten(stats)
+    arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray, np.generic))]
+    rest = tuple((i, x) for i, x in enumerate(leaves)
+                 if not isinstance(x, (jax.Array, np.ndarray, np.generic)))
+    return arrays, (treedef, rest)
+
+
+def _join_stats(arrays: Sequence[Any], static: Any) -> tuple[Any, ...]:
+    treedef, rest = static
+    leaves: list[Any] = [None] * treedef.num_leaves
+    fixed = dict(rest)
+    it = iter(arrays)
+    for i in range(treedef.num_leaves):
+        leaves[i] = fixed[i] if i in fixed else next(it)
+    return treedef.unflatten(leaves)
+
+
+class _WatchedContext(LeafContext):
+    """A `LeafContext` that counts, per thread, its creations (traces of `_merge_leaf`,
+    which happen in the calling thread) and the kernel's reads of ``ctx.path``, so that
+    leaves which differ only by name can share a trace when the kernel never reads it."""
+
+    __slots__ = ()
+    counts = threading.local()
+
+    def __new__(cls, *fields):
+        cls.counts.traces = getattr(cls.counts, "traces", 0) + 1
+        return super().__new__(cls, *fields)
+
+    @property
+    def path(self) -> str:
+        self.counts.path_reads = getattr(self.counts, "path_reads", 0) + 1
+        return tuple.__getitem__(self, 0)
+
+    @classmethod
+    def snapshot(cls) -> tuple[int, int]:
+        """``(traces, path reads)`` so far in this thread."""
+        return getattr(cls.counts, "traces", 0), getattr(cls.counts, "path_reads", 0)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "path", "static", "out_dtype",
+                                             "total_size", "stats_static", "check_finite",
+                                             "speculative"))
+def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeMethod,
+                path: str, static, out_dtype: str, total_size: int, stats_static,
+                check_finite: bool, speculative: bool):
+    """One leaf's merge: the method's kernel on the upcast inputs, cast to ``out_dtype``,
+    its ``max|out|`` when ``check_finite`` (as `_run_kernels` gives), and whether every
+    `speculate` of a ``speculative`` kernel took its common branch (if not, the result is
+    to be computed again without speculation)."""
+    path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
+    stats = _join_stats(stats_arrays, stats_static)
+    with speculation() if speculative else contextlib.nullcontext([]) as assumed:
+        out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs,
+                            **hp)
+    out = out.astype(out_dtype)
+    peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
+        if check_finite else None
+    return out, peak, jnp.all(jnp.stack(assumed)) if assumed else jnp.bool_(True)
+
+
+class LeafKernels:
+    """A method's kernel run one leaf at a time: the engine's ``per_leaf`` mode, and what
+    a streaming merge (`mergejax.io.streaming`) runs on every tensor it reads.
+
+    Each group of leaves with the same input shapes and dtypes, static hyperparameters and
+    output dtype shares one compiled function. A kernel that never reads ``ctx.path``
+    (most) is traced once per group, so the projections of every block of a transformer
+    share one compilation; one that reads it gets the path with its numbers replaced by
+    ``#`` (layers never matter to a kernel). With ``speculative``, kernels are compiled
+    under `speculation`: `run` returns whether the assumptions held, and `run_exact`
+    computes a leaf whose did not (its group then compiles the exact kernel from then on).
+    ``stats`` are the method's ``ctx.stats`` for the whole model, ``total_size`` its
+    number of merged entries. The results are `_run_kernels`' bit for bit.
+
+    Example::
+
+        kernels = LeafKernels(method, plan, stats=(), total_size=n)
+        out, peak, held = kernels.run(j, base_leaf, model_leaves)
+        if not held:
+            out, peak = kernels.run_exact(j, base_leaf, model_leaves)
+    """
+
+    def __init__(self, method: MergeMethod, plan: LeafPlan, stats: tuple[Any, ...],
+                 total_size: int, *, check_finite: bool = True, speculative: bool = True):
+        self._method, self._plan, self._total_size = method, plan, total_size
+        self._check_finite, self._speculative = check_finite, speculative
+        self._stats_arrays, self._stats_static = _split_stats(stats)
+        self._exact: set[Any] = set()
+
+    def _group(self, j: int, base: Any, models: Sequence[Any]) -> Any:
+        return (tuple((x.shape, x.dtype) for x in (base, *models) if x is not None),
+                self._plan.static[j][1], self._plan.out_dtypes[j])
+
+    def run(self, j: int, base: Any, models: Sequence[Any], key: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+        """``(merged leaf, max|merged| or None, assumptions held)`` of plan leaf ``j``
+        from its inputs (any view of them for a reshape-invariant kernel)."""
+        group = self._group(j, base, models)
+        return self._call(j, group, base, models, key,
+                          self._speculative and group not in self._exact)
+
+    def run_exact(self, j: int, base: Any, models: Sequence[Any],
+                  key: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """`run` without speculation, for leaf ``j`` and the rest of its group."""
+        group = self._group(j, base, models)
+        self._exact.add(group)
+        return self._call(j, group, base, models, key, False)[:2]
+
+    def _call(self, j, group, base, models, key, speculative):
+        path, static = self._plan.static[j]
+        shares = (self._method, group, self._stats_static, self._total_size)
+        shared = _SHARED_PATH.get(shares, _path_class(path))
+        traces, reads = _WatchedContext.snapshot()
+        result = _merge_leaf(
+            base, tuple(models), {n: c[j] for n, c in self._plan.coefficients.items()}, key,
+            self._stats_arrays, method=self._method, path=shared, static=static,
+            out_dtype=self._plan.out_dtypes[j], total_size=self._total_size,
+            stats_static=self._stats_static, check_finite=self._check_finite,
+            speculative=speculative)
+        if shares not in _SHARED_PATH and _WatchedContext.snapshot() == (traces + 1, reads):
+            _SHARED_PATH[shares] = shared  # traced now, and the kernel never read the path
+        return result
 
 
 def _batched_kernels(method: MergeMethod, plan, out_dtypes, inputs, keys, stats,
@@ -710,7 +938,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
                 default=None if uses_key == "optional" else inspect.Parameter.empty))
         params += [inspect.Parameter("out_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
                    inspect.Parameter("check_finite", inspect.Parameter.KEYWORD_ONLY,
-                                     default=True)]
+                                     default=True),
+                   inspect.Parameter("per_leaf", inspect.Parameter.KEYWORD_ONLY, default=None)]
         object.__setattr__(method, "__signature__", inspect.Signature(params))
         if register:
             registry.register(method)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mergejax
+from mergejax import method as method_lib
 from mergejax import registry
 from mergejax.io import safetensors as st
 from mergejax.io import streaming
@@ -300,7 +301,7 @@ def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial):
         dirs.append(d)
     traced = []
     original = stages.select_thresholds
-    streaming._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
+    method_lib._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
 
     def counting(*args, **kwargs):
         traced.append(1)

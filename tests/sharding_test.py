@@ -84,6 +84,25 @@ def test_sharded_inputs_give_same_sharding_and_values(mesh, name, base_arg, k, h
                                    **tol, err_msg=path)
 
 
+@pytest.mark.parametrize("name,hparams", [
+    ("task_arithmetic", {"scale": 0.4}),
+    ("ties", {"density": 0.3}),
+    ("dare_ties", {"density": 0.5, "key": jax.random.key(0)}),
+    ("tsv_m", {}),
+])
+def test_per_leaf_merges_keep_the_sharding(mesh, name, hparams):
+    base, models = _params(0), [_params(i) for i in range(1, 4)]
+    sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]
+    got = mergejax.merge(name, sbase, smodels, per_leaf=True, **hparams)
+    expected = mergejax.merge(name, sbase, smodels, per_leaf=False, **hparams)
+    for path, g, e, r in zip(mergejax.leaf_paths(got), jax.tree.leaves(got),
+                             jax.tree.leaves(expected), jax.tree.leaves(sbase)):
+        assert g.sharding.is_equivalent_to(r.sharding, g.ndim), path
+        tol = dict(rtol=1e-4, atol=1e-4) if name in MATRIX_METHODS else dict(rtol=0, atol=0)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32),
+                                   **tol, err_msg=path)
+
+
 def test_emr_task_models_keep_the_sharding(mesh):
     base, models = _params(0), [_params(i) for i in range(1, 4)]
     sbase, smodels = _shard(base, mesh), [_shard(m, mesh) for m in models]

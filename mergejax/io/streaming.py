@@ -22,9 +22,7 @@ when complete) and resumes an interrupted run shard by shard.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -32,21 +30,19 @@ import os
 import re
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mergejax import registry
 from mergejax.io import safetensors as st
 from mergejax.io.checkpoint import LazyCheckpoint, open_checkpoint
 from mergejax.method import (
-    LeafContext,
+    LeafKernels,
     LeafPlan,
     MergeMethod,
     canonical_view,
@@ -54,7 +50,6 @@ from mergejax.method import (
     leaf_key,
     raise_not_finite,
     run_statistics,
-    speculation,
 )
 from mergejax.tree import MergeError, is_float
 
@@ -273,76 +268,6 @@ class _Reader:
             ckpt.release(path)
 
 
-def _path_class(path: str) -> str:
-    """``path`` with its numeric components replaced by ``#``: tensors of every layer share
-    one compiled kernel (kernels decide from names such as ``kernel``/``bias``, never from
-    a layer number)."""
-    return re.sub(r"(?<![^/])\d+(?![^/])", "#", path)
-
-
-def _split_stats(stats: tuple[Any, ...]) -> tuple[list[Any], Any]:
-    """Statistics as traced arrays plus a hashable rest (Python values such as counts)."""
-    leaves, treedef = jax.tree.flatten(stats)
-    arrays = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray, np.generic))]
-    rest = tuple((i, x) for i, x in enumerate(leaves)
-                 if not isinstance(x, (jax.Array, np.ndarray, np.generic)))
-    return arrays, (treedef, rest)
-
-
-def _join_stats(arrays: Sequence[Any], static: Any) -> tuple[Any, ...]:
-    treedef, rest = static
-    leaves: list[Any] = [None] * treedef.num_leaves
-    fixed = dict(rest)
-    it = iter(arrays)
-    for i in range(treedef.num_leaves):
-        leaves[i] = fixed[i] if i in fixed else next(it)
-    return treedef.unflatten(leaves)
-
-
-class _WatchedContext(LeafContext):
-    """A `LeafContext` that counts, per thread, its creations (traces of `_merge_leaf`,
-    which happen in the calling thread) and the kernel's reads of ``ctx.path``, so that
-    tensors which differ only by name can share a trace when the kernel never reads it."""
-
-    __slots__ = ()
-    counts = threading.local()
-
-    def __new__(cls, *fields):
-        cls.counts.traces = getattr(cls.counts, "traces", 0) + 1
-        return super().__new__(cls, *fields)
-
-    @property
-    def path(self) -> str:
-        self.counts.path_reads = getattr(self.counts, "path_reads", 0) + 1
-        return tuple.__getitem__(self, 0)
-
-    @classmethod
-    def snapshot(cls) -> tuple[int, int]:
-        """``(traces, path reads)`` so far in this thread."""
-        return getattr(cls.counts, "traces", 0), getattr(cls.counts, "path_reads", 0)
-
-
-@functools.partial(jax.jit, static_argnames=("method", "path", "static", "out_dtype",
-                                             "total_size", "stats_static", "check_finite",
-                                             "speculative"))
-def _merge_leaf(base, models, coefficients, key, stats_arrays, *, method: MergeMethod,
-                path: str, static, out_dtype: str, total_size: int, stats_static,
-                check_finite: bool, speculative: bool):
-    """One tensor's merge: the method's kernel on the upcast inputs, cast to ``out_dtype``,
-    its ``max|out|`` when ``check_finite`` (the in-memory engine's per-leaf work), and
-    whether every `speculate` of a ``speculative`` kernel took its common branch (if not,
-    the result is to be computed again without speculation)."""
-    path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
-    stats = _join_stats(stats_arrays, stats_static)
-    with speculation() if speculative else contextlib.nullcontext([]) as assumed:
-        out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs,
-                            **hp)
-    out = out.astype(out_dtype)
-    peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
-        if check_finite else None
-    return out, peak, jnp.all(jnp.stack(assumed)) if assumed else jnp.bool_(True)
-
-
 def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                 models: Sequence[LazyCheckpoint], *, key: jax.Array | None = None,
                 mesh: jax.sharding.Mesh | None = None, check_finite: bool = True,
@@ -382,14 +307,7 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                 reader.release(path)
 
         stats = run_statistics(method, every_leaf, plan.total_size)
-    stats_arrays, stats_static = _split_stats(stats)
-
-    # Kernels that never read ctx.path (most) are traced once per shape, dtype and static
-    # hyperparameters: later tensors of such a group reuse the first one's path class, so
-    # q_proj and k_proj of the same shape share one trace and one compiled function.
-    shared_path: dict[Any, str] = {}
-    # Groups whose kernel needed a rare branch once: compiled with it from then on.
-    exact: set[Any] = set()
+    kernels = LeafKernels(method, leaves, stats, plan.total_size, check_finite=check_finite)
     todo = [t for t in plan.tensors if not skip(t)]
     # Kernels that give the same bits on any view of a tensor run on its `canonical_view`:
     # one compile per size, so a Llama's gate_proj, up_proj and down_proj share one.
@@ -410,21 +328,9 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             j = tensor.leaf
             b, xs = loads.popleft().result()
             loads.extend(itertools.islice(submitted, 1))
-            group = (tuple((x.shape, x.dtype) for x in (b, *xs) if x is not None),
-                     leaves.static[j][1], leaves.out_dtypes[j])
-            path = shared_path.get(group, _path_class(tensor.path))
-            traces, reads = _WatchedContext.snapshot()
-            merge = functools.partial(
-                _merge_leaf, b, xs, leaf_args(j), keyed(tensor.path), stats_arrays,
-                method=method, path=path, static=leaves.static[j][1],
-                out_dtype=leaves.out_dtypes[j], total_size=plan.total_size,
-                stats_static=stats_static, check_finite=check_finite)
-            out, peak, held = merge(speculative=group not in exact)
-            if group not in shared_path and _WatchedContext.snapshot() == (traces + 1, reads):
-                shared_path[group] = path  # traced now, and the kernel never read the path
+            out, peak, held = kernels.run(j, b, xs, keyed(tensor.path))
             if not held:
-                exact.add(group)
-                out, peak, _ = merge(speculative=False)
+                out, peak = kernels.run_exact(j, b, xs, keyed(tensor.path))
             values = np.asarray(out).reshape(tensor.shape)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)

@@ -1,0 +1,200 @@
+"""The engine's per-leaf mode (`LeafKernels`): the whole-program merge's bits, one compiled
+kernel per group of same-shaped leaves, speculation settled after the leaves ran."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mergejax
+from mergejax import method as method_lib
+from mergejax import registry
+from mergejax.method import MergeMethod
+from mergejax.methods import stages
+
+#: Hyperparameters a method needs (no default).
+HPARAMS = {"darex": {"q": 0.5}, "nearswap": {"t": 0.5}}
+#: Iterative spherical means: XLA compiles their loops differently inside the whole-tree
+#: program, 1 ulp apart on some leaves (as in tests/io_streaming_test.py).
+ULP_METHODS = ("karcher", "multislerp")
+PER_LEAF = [n for n in mergejax.list_methods()
+            if isinstance(registry.get_method(n), MergeMethod)]
+BLOCKS = 2
+
+
+def _model(seed: int, dtype=jnp.float32) -> dict:
+    """A small transformer-like tree: ``BLOCKS`` identical blocks, an embedding, a head,
+    and an integer step counter."""
+    rng = np.random.default_rng(0)
+    base = {"embed": rng.normal(0, 0.1, (12, 8)), "head": rng.normal(0, 0.1, (8, 12)),
+            "norm": {"scale": 1 + rng.normal(0, 0.1, (8,))}}
+    for i in range(BLOCKS):
+        base[f"block_{i}"] = {"attn": {"kernel": rng.normal(0, 0.1, (8, 8))},
+                              "mlp": {"kernel": rng.normal(0, 0.1, (8, 16)),
+                                      "bias": rng.normal(0, 0.1, (16,))}}
+    noise = np.random.default_rng(seed)
+    tree = jax.tree.map(lambda v: jnp.asarray(v + (0.03 * noise.normal(size=v.shape)
+                                                   if seed else 0), dtype), base)
+    tree["step"] = jnp.asarray(seed, jnp.int32)
+    return tree
+
+
+BASE, MODELS = _model(0), [_model(k) for k in (1, 2)]
+
+
+def _assert_same_bits(a, b, ulp: int = 0) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for path, x, y in zip(mergejax.leaf_paths(a), jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        if ulp:
+            np.testing.assert_array_max_ulp(x, y, maxulp=ulp)
+        else:
+            assert x.tobytes() == y.tobytes(), (path, float(np.max(np.abs(
+                x.astype(np.float64) - y))))
+
+
+def _kwargs(name: str) -> dict:
+    kwargs = dict(HPARAMS.get(name, {}))
+    if registry.get_method(name).uses_key:
+        kwargs["key"] = jax.random.key(3)
+    return kwargs
+
+
+@pytest.mark.parametrize("name", PER_LEAF)
+def test_per_leaf_equals_the_whole_program_bit_for_bit(name):
+    method = registry.get_method(name)
+    models = MODELS[:1] if method.max_models == 1 else MODELS
+    kwargs = _kwargs(name)
+    whole = method(BASE, models, per_leaf=False, **kwargs)
+    _assert_same_bits(method(BASE, models, per_leaf=True, **kwargs), whole,
+                      ulp=1 if name in ULP_METHODS else 0)
+
+
+@pytest.mark.parametrize("name,hparams", [("ties", {"scope": "global", "density": 0.3}),
+                                          ("dare_ties", {"density": 0.5}),
+                                          ("slerp", {"t": 0.3})])
+def test_per_leaf_keeps_bfloat16_and_matches(name, hparams):
+    base, models = _model(0, jnp.bfloat16), [_model(k, jnp.bfloat16) for k in (1, 2)]
+    method = registry.get_method(name)
+    models = models[:1] if method.max_models == 1 else models
+    kwargs = {**hparams, **({"key": jax.random.key(1)} if method.uses_key else {})}
+    got = method(base, models, per_leaf=True, **kwargs)
+    assert got["embed"].dtype == jnp.bfloat16
+    _assert_same_bits(got, method(base, models, per_leaf=False, **kwargs))
+
+
+def _backend_compiles(fn) -> list[str]:
+    compiled = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    return compiled
+
+
+def test_kernels_compile_once_per_leaf_group_whatever_the_depth():
+    method = mergejax.get_method("task_arithmetic")
+    jax.clear_caches()
+    compiled = _backend_compiles(lambda: method(BASE, MODELS, scale=0.3, per_leaf=True))
+    # embed (12, 8), head (8, 12), norm/scale (8,), and per block attn (8, 8),
+    # mlp/kernel (8, 16) and mlp/bias (16,): 6 groups, not 3 + 3 * BLOCKS leaves.
+    assert compiled.count("jit(_merge_leaf)") == 6
+    again = _backend_compiles(lambda: method(BASE, MODELS, scale=0.7, per_leaf=True))
+    assert "jit(_merge_leaf)" not in again  # a coefficient sweep does not recompile
+
+
+def test_statistics_are_one_program_and_the_kernels_per_group():
+    jax.clear_caches()
+    compiled = _backend_compiles(
+        lambda: mergejax.ties(BASE, MODELS, density=0.3, scope="global", per_leaf=True))
+    assert compiled.count("jit(_statistics)") == 1
+    assert compiled.count("jit(_merge_leaf)") == 6
+
+
+def test_per_leaf_is_chosen_for_large_concrete_inputs_only(monkeypatch):
+    calls = []
+    original = method_lib._run_per_leaf  # pylint: disable=protected-access
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(method_lib, "_run_per_leaf", counting)
+    mergejax.task_arithmetic(BASE, MODELS)
+    assert not calls  # far below PER_LEAF_MIN_SIZE
+    monkeypatch.setattr(method_lib, "PER_LEAF_MIN_SIZE", 100)
+    expected = mergejax.task_arithmetic(BASE, MODELS, per_leaf=False)
+    _assert_same_bits(mergejax.task_arithmetic(BASE, MODELS), expected)
+    assert len(calls) == 1
+    jax.jit(lambda b, ms: mergejax.task_arithmetic(b, ms))(BASE, MODELS)
+    assert len(calls) == 1  # traced: one program
+    mergejax.get_method("tsv_m")(BASE, MODELS)
+    assert len(calls) == 1 + (not mergejax.get_method("tsv_m").batched)
+
+
+def test_per_leaf_inside_jit_and_grad_matches_the_whole_program():
+    def two_leaves(tree):
+        return {"embed": tree["embed"], "norm": tree["norm"]}
+
+    base, models = two_leaves(BASE), [two_leaves(m) for m in MODELS]
+
+    def merged_norm(scale, per_leaf):
+        out = mergejax.ties(base, models, density=0.3, scale=scale, per_leaf=per_leaf)
+        return sum(jnp.sum(x ** 2) for x in jax.tree.leaves(out) if x.dtype == jnp.float32)
+
+    whole = jax.jit(jax.value_and_grad(lambda s: merged_norm(s, False)))(0.7)
+    per_leaf = jax.jit(jax.value_and_grad(lambda s: merged_norm(s, True)))(0.7)
+    np.testing.assert_allclose(np.asarray(per_leaf), np.asarray(whole), rtol=1e-6)
+    # d/ds of sum((base + s * tau)^2) at the merged tau, by a central difference
+    h = 1e-2
+    fd = (merged_norm(0.7 + h, True) - merged_norm(0.7 - h, True)) / (2 * h)
+    np.testing.assert_allclose(float(per_leaf[1]), float(fd), rtol=1e-3)
+
+
+def test_a_non_finite_leaf_is_named():
+    models = [dict(m) for m in MODELS]
+    models[1]["head"] = models[1]["head"].at[0, 0].set(jnp.nan)
+    with pytest.raises(mergejax.MergeError, match=r"models\[1\] at 'head'"):
+        mergejax.task_arithmetic(BASE, models, per_leaf=True)
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_speculation_is_settled_after_the_leaves_ran(adversarial):
+    """Per-tensor top-k over > 2**18 entries runs speculatively per leaf: a layout that
+    misleads the sample needs the exact fallback, which is then compiled (for that leaf's
+    group only), and both equal the whole program."""
+    shape, n = (1024, 520), 1024 * 520
+    stride = stages.sample_stride(n)
+    rng = np.random.default_rng(3)
+    base = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}
+    models = []
+    for _ in range(2):
+        tau = rng.standard_normal(shape).astype(np.float32)
+        if adversarial:
+            tau.reshape(-1)[::stride] = 1e-3  # all the strided sample sees: below the rank
+        models.append({"w": base["w"] + tau, "v": base["v"] + rng.standard_normal((64, 8))})
+    hparams = dict(density=0.2, scope="tensor", topk="mergekit")
+    traced = []
+    original = stages.select_thresholds
+    method_lib._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
+
+    def counting(*args, **kwargs):
+        traced.append(args[0][0].shape)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages, "select_thresholds", counting)
+        got = mergejax.ties(base, models, per_leaf=True, **hparams)
+    big = [s for s in traced if s == shape]
+    assert len(big) == (2 if adversarial else 1)  # speculative, then exact if needed
+    _assert_same_bits(got, mergejax.ties(base, models, per_leaf=False, **hparams))
