@@ -52,8 +52,9 @@ from mergejax.tree import (
 )
 
 __all__ = ["PER_LEAF_MIN_SIZE", "REQUIRED", "LeafContext", "LeafKernels", "LeafPlan",
-           "MergeMethod", "StatisticsPass", "as_stored", "canonical_view", "fused_reduce",
-           "leaf_key", "leafwise", "speculate", "speculation"]
+           "MergeMethod", "StatisticsPass", "as_stored", "canonical_view", "fold_statistics",
+           "folds_leaf_by_leaf", "fused_reduce", "leaf_key", "leafwise", "speculate",
+           "speculation"]
 
 REQUIRED = registry.REQUIRED
 
@@ -241,12 +242,17 @@ class StatisticsPass(NamedTuple):
     "" there and ``ctx.key`` None. ``active(**static_hparams)`` is False for a leaf whose
     ``update`` would return the accumulator unchanged (a model-wide top-k pass under
     ``scope="tensor"``): `run_statistics` then skips the leaf, so a streaming merge does
-    not read it from disk. None: every leaf counts.
+    not read it from disk. None: every leaf counts. ``idle(stats)``, given the earlier
+    passes' concrete results, is True when no leaf's ``update`` would change the
+    accumulator its first leaf made (a fallback pass that is not needed): per-leaf and
+    streaming merges (`fold_statistics`) then run ``update`` on the smallest wanted leaf
+    only.
     """
 
     update: Callable[..., Any]
     finalize: Callable[..., Any] = lambda ctx, acc: acc
     active: Callable[..., bool] | None = None
+    idle: Callable[[tuple[Any, ...]], bool] | None = None
 
     def wants(self, static_hparams: dict[str, Any]) -> bool:
         """Whether `update` needs a leaf with these static hyperparameters."""
@@ -262,12 +268,14 @@ class LeafPlan(NamedTuple):
         hyperparameters (hashable: part of the compiled function's cache key).
       coefficients: per coefficient name, one float array per leaf (traced).
       out_dtypes: per leaf, the output dtype's name.
+      shapes: per leaf, its shape.
     """
 
     paths: tuple[str, ...]
     static: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     coefficients: dict[str, list[Any]]
     out_dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...] = ()
 
 
 def _summed(per_leaf: Callable[..., Any]) -> StatisticsPass:
@@ -485,7 +493,8 @@ class MergeMethod:
             static=tuple((p, tuple(sorted(s.items()))) for p, s in zip(paths, static_per_leaf)),
             coefficients=coefficients,
             out_dtypes=tuple(jnp.dtype(out_dtype if out_dtype is not None else r.dtype).name
-                             for r in references))
+                             for r in references),
+            shapes=tuple(tuple(r.shape) for r in references))
 
     def _check_models(self, base: PyTree | None, models: Sequence[PyTree]) -> list[PyTree]:
         if isinstance(models, dict) or not isinstance(models, Sequence):
@@ -639,27 +648,125 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     return outs, (peaks if check_finite else None)
 
 
-def _signature(method: MergeMethod, plan, args) -> Any:
-    """What fixes the structure of a merge's statistics: the method, the plan's static
-    part and the inputs' tree, shapes and dtypes (traced or concrete)."""
-    leaves, treedef = jax.tree.flatten(args)
-    return method, plan, treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+class _Folding(threading.local):
+    active: bool = False
 
 
-#: `_statistics`' static part (Python values such as counts, and the tree) per `_signature`,
-#: recorded when it traces: a compiled function returns arrays only.
-_STATISTICS_STATIC: dict[Any, Any] = {}
+_FOLDING = _Folding()
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _statistics(method: MergeMethod, plan, base_leaves, model_leaves, coefficients, key):
-    """The arrays of ``ctx.stats`` of a merge, every statistics pass over every leaf in one
-    compiled function (`_run_per_leaf`'s first step); `_split_stats`' static rest goes to
-    `_STATISTICS_STATIC`."""
-    args = (base_leaves, model_leaves, coefficients, key)
-    arrays, static = _split_stats(_prepared(method, plan, *args)[3])
-    _STATISTICS_STATIC[_signature(method, plan, args)] = static
+def folds_leaf_by_leaf() -> bool:
+    """Whether a `StatisticsPass.update` is being traced for one leaf in its own compiled
+    function (`fold_statistics`: per-leaf and streaming merges). A pass that keeps small
+    leaves back to add them together (one histogram for hundreds of biases, which saves
+    compiling one per leaf inside a whole-model program) should then add each at once:
+    one compiled update per leaf group, whatever the leaves before it."""
+    return _FOLDING.active
+
+
+#: The static part (`_split_stats`' rest) of what a statistics step returned, per
+#: `_step_key`, recorded when it traces: a compiled function returns arrays only.
+_STEP_STATIC: dict[Any, Any] = {}
+
+
+def _step_key(name: str, statics: dict[str, Any], arrays: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(arrays)
+    return (name, tuple(sorted(statics.items())), treedef,
+            tuple((tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x))))
+                  for x in leaves))
+
+
+def _as_pass(statistics_pass: Any) -> StatisticsPass:
+    return (statistics_pass if isinstance(statistics_pass, StatisticsPass)
+            else _summed(statistics_pass))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=(
+    "method", "index", "path", "static", "acc_static", "stats_static", "total_size"))
+def _update_leaf(acc_arrays, base, models, coefficients, key, stats_arrays, **statics):
+    """One leaf's `StatisticsPass.update` (pass ``index`` of ``method``): the new
+    accumulator's arrays, updated in place (a histogram is not copied per leaf)."""
+    arrays_in = (acc_arrays, base, models, coefficients, key, stats_arrays)
+    path, base, xs, hp, stored = leaf_inputs(statics["path"], statics["static"], base,
+                                             models, coefficients)
+    ctx = _WatchedContext(path, key, _join_stats(stats_arrays, statics["stats_static"]),
+                          statics["total_size"], stored)
+    acc = None if statics["acc_static"] is None else _join_stats(acc_arrays,
+                                                                 statics["acc_static"])
+    outer, _FOLDING.active = _FOLDING.active, True
+    try:
+        acc = _as_pass(statics["method"].statistics[statics["index"]]).update(
+            ctx, acc, base, xs, **hp)
+    finally:
+        _FOLDING.active = outer
+    arrays, _STEP_STATIC[_step_key("update", statics, arrays_in)] = _split_stats(acc)
     return arrays
+
+
+@functools.partial(jax.jit, static_argnames=("method", "index", "acc_static",
+                                             "stats_static", "total_size"))
+def _finalize_pass(acc_arrays, stats_arrays, **statics):
+    """`StatisticsPass.finalize` of pass ``index``: its result's arrays."""
+    stats = _join_stats(stats_arrays, statics["stats_static"])
+    acc = None if statics["acc_static"] is None else _join_stats(acc_arrays,
+                                                                 statics["acc_static"])
+    out = _as_pass(statics["method"].statistics[statics["index"]]).finalize(
+        LeafContext("", None, stats, statics["total_size"]), acc)
+    arrays, _STEP_STATIC[_step_key("finalize", statics, (acc_arrays, stats_arrays))] = \
+        _split_stats(out)
+    return arrays
+
+
+def fold_statistics(method: MergeMethod, plan: LeafPlan,
+                    read: Callable[[int], tuple[Any, Sequence[Any]]],
+                    keys: Sequence[jax.Array | None], total_size: int, *,
+                    release: Callable[[int], None] = lambda j: None) -> tuple[Any, ...]:
+    """``ctx.stats`` of ``method`` over the leaves of ``plan``, each leaf's update in a
+    compiled function shared by its leaf group (as `LeafKernels` runs kernels):
+    ``read(j)`` gives leaf ``j``'s ``(base, models)`` (from memory, or from disk once per
+    pass; ``release(j)`` follows), ``keys[j]`` its key. Passes skip the leaves they do
+    not `StatisticsPass.wants`, and all but one when `StatisticsPass.idle` (given concrete
+    statistics). Accumulators are updated in place (donated). The result is
+    `run_statistics`' bit for bit: the leaves are folded in the same order.
+
+    Example::
+
+        stats = fold_statistics(method, plan, lambda j: (bases[j], models[j]), keys, n)
+    """
+    stats: tuple[Any, ...] = ()
+    for index, raw in enumerate(method.statistics):
+        statistics_pass = _as_pass(raw)
+        wanted = [j for j, (_, static) in enumerate(plan.static)
+                  if statistics_pass.wants(dict(static))]
+        if (wanted and statistics_pass.idle is not None
+                and not _holds_tracer(jax.tree.leaves(stats)) and statistics_pass.idle(stats)):
+            wanted = [min(wanted, key=lambda j: math.prod(plan.shapes[j]))]
+        stats_arrays, stats_static = _split_stats(stats)
+        acc_arrays, acc_static = [], None
+        for j in wanted:
+            path, static = plan.static[j]
+            base, models = read(j)
+            group = (index, tuple((x.shape, x.dtype) for x in (base, *models) if x is not None),
+                     static, acc_static, stats_static)
+            shares = (method, "update", group, total_size)
+            statics = dict(method=method, index=index, path=_SHARED_PATH.get(shares, path),
+                           static=static, acc_static=acc_static, stats_static=stats_static,
+                           total_size=total_size)
+            args = (acc_arrays, base, tuple(models),
+                    {n: c[j] for n, c in plan.coefficients.items()}, keys[j], stats_arrays)
+            step = _step_key("update", statics, args)  # before `acc_arrays` are donated
+            traces, reads = _WatchedContext.snapshot()
+            acc_arrays = _update_leaf(*args, **statics)
+            if shares not in _SHARED_PATH and _WatchedContext.snapshot() == (traces + 1, reads):
+                _SHARED_PATH[shares] = statics["path"]  # the update never read the path
+            acc_static = _STEP_STATIC[step]
+            release(j)
+        statics = dict(method=method, index=index, acc_static=acc_static,
+                       stats_static=stats_static, total_size=total_size)
+        arrays = _finalize_pass(acc_arrays, stats_arrays, **statics)
+        stats = stats + (_join_stats(arrays, _STEP_STATIC[_step_key(
+            "finalize", statics, (acc_arrays, stats_arrays))]),)
+    return stats
 
 
 def _run_per_leaf(method: MergeMethod, plan: LeafPlan, check_finite: bool, base_leaves,
@@ -669,16 +776,13 @@ def _run_per_leaf(method: MergeMethod, plan: LeafPlan, check_finite: bool, base_
     leaves whose assumption failed run again without speculation."""
     concrete = not _holds_tracer(jax.tree.leaves((base_leaves, model_leaves, coefficients,
                                                   key)))
-    stats: tuple[Any, ...] = ()
-    if method.statistics:
-        args = (base_leaves, model_leaves, coefficients, key)
-        arrays = _statistics(method, plan.static, *args)
-        stats = _join_stats(arrays, _STATISTICS_STATIC[_signature(method, plan.static, args)])
     total_size = sum(math.prod(xs[0].shape) for xs in model_leaves)
-    kernels = LeafKernels(method, plan, stats, total_size, check_finite=check_finite,
-                          speculative=concrete)
     keys = _leaf_keys(key, list(plan.paths))
     bases = base_leaves if base_leaves is not None else [None] * len(model_leaves)
+    stats = fold_statistics(method, plan, lambda j: (bases[j], model_leaves[j]), keys,
+                            total_size)
+    kernels = LeafKernels(method, plan, stats, total_size, check_finite=check_finite,
+                          speculative=concrete)
     results = [kernels.run(j, bases[j], model_leaves[j], keys[j])
                for j in range(len(model_leaves))]
     if concrete and not _all_of([r[2] for r in results], jnp.all):

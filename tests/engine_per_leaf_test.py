@@ -112,11 +112,15 @@ def test_kernels_compile_once_per_leaf_group_whatever_the_depth():
     assert "jit(_merge_leaf)" not in again  # a coefficient sweep does not recompile
 
 
-def test_statistics_are_one_program_and_the_kernels_per_group():
+def test_statistics_passes_compile_once_per_leaf_group():
     jax.clear_caches()
     compiled = _backend_compiles(
         lambda: mergejax.ties(BASE, MODELS, density=0.3, scope="global", per_leaf=True))
-    assert compiled.count("jit(_statistics)") == 1
+    # The sample and window passes update each of the 6 leaf groups (the first leaf's
+    # update, with no accumulator yet, compiles apart); the window found every rank, so
+    # the two fallback passes update one leaf each.
+    assert compiled.count("jit(_update_leaf)") == 2 * (6 + 1) + 2
+    assert compiled.count("jit(_finalize_pass)") == 4
     assert compiled.count("jit(_merge_leaf)") == 6
 
 
@@ -198,3 +202,31 @@ def test_speculation_is_settled_after_the_leaves_ran(adversarial):
     big = [s for s in traced if s == shape]
     assert len(big) == (2 if adversarial else 1)  # speculative, then exact if needed
     _assert_same_bits(got, mergejax.ties(base, models, per_leaf=False, **hparams))
+
+
+def test_global_fallback_passes_run_where_the_window_missed(monkeypatch):
+    """A layout that misleads the model-wide sample: the window pass misses, so the radix
+    fallback passes are not idle and update every leaf; the result is the program's."""
+    shape = (1024, 520)
+    n = 1024 * 520 + 64 * 8
+    stride = stages.sample_stride(n)
+    rng = np.random.default_rng(5)
+    base = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}
+    models = []
+    for _ in range(2):
+        tau = rng.standard_normal(shape).astype(np.float32)
+        tau.reshape(-1)[::stride] = 1e-3  # all the strided sample sees: below the rank
+        models.append({"w": base["w"] + tau, "v": base["v"] + 1e-3})
+    found = []
+    original = stages._window_found  # pylint: disable=protected-access
+
+    def recording(window_pass):
+        found.append(original(window_pass))
+        return found[-1]
+
+    monkeypatch.setattr(stages, "_window_found", recording)
+    got = mergejax.ties(base, models, density=0.2, scope="global", per_leaf=True)
+    assert found == [False, False]  # the window missed: neither fallback pass is idle
+    _assert_same_bits(got, mergejax.ties(base, models, density=0.2, scope="global",
+                                         per_leaf=False))

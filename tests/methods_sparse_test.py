@@ -443,7 +443,11 @@ def ref_window_histogram(keys: np.ndarray, start: int, width: int, shift: int = 
     return hist
 
 
-_window_hists = jax.jit(stages._window_histograms, static_argnums=2)  # noqa: SLF001
+#: The row pass (large leaves) and the every-key pass (small ones) count the same.
+WINDOW_PASSES = {
+    "rows": jax.jit(stages._window_histograms, static_argnums=2),  # noqa: SLF001
+    "every_key": jax.jit(stages._every_key_window_histograms, static_argnums=2),  # noqa: SLF001
+}
 
 
 def _reverse(inputs):
@@ -493,8 +497,9 @@ def _window_case_keys(case: str, n: int, start: int, width: int, seed: int) -> n
     return keys
 
 
+@pytest.mark.parametrize("window_pass", sorted(WINDOW_PASSES))
 @pytest.mark.parametrize("case", ["sparse", "dense", "padded_at_zero", "empty"])
-def test_window_histograms_count_the_candidate_rows_exactly(case):
+def test_window_histograms_count_the_candidate_rows_exactly(case, window_pass):
     """The window pass histograms only the rows holding a key in the window, in chunks of
     candidate rows; for two tasks with their own windows it equals a NumPy histogram
     whether the candidates fill part of one chunk (with row 0 a candidate, which the
@@ -527,12 +532,13 @@ def test_window_histograms_count_the_candidate_rows_exactly(case):
                                       for i in range(2)))
     # The values are the inputs in reverse order (no arithmetic: XLA:CPU flushes the
     # subnormal floats near 0.0 to zero).
-    got = _window_hists(start_from, tuple(jnp.asarray(f) for f in floats[::-1]), _reverse,
-                        window)
+    got = WINDOW_PASSES[window_pass](start_from, tuple(jnp.asarray(f) for f in floats[::-1]),
+                                     _reverse, window)
     np.testing.assert_array_equal(np.asarray(got), want + np.asarray(start_from))
 
 
-def test_window_histograms_bin_a_shifted_window():
+@pytest.mark.parametrize("window_pass", sorted(WINDOW_PASSES))
+def test_window_histograms_bin_a_shifted_window(window_pass):
     """A window of 16 high bins in fine bins of 4 keys (shift 2), as `spread_window` gives
     for values with few distinct magnitudes, against a NumPy histogram."""
     n = 32 * 5000
@@ -542,7 +548,8 @@ def test_window_histograms_bin_a_shifted_window():
         np.uint32).view(np.float32)
     window = stages.high_bin_window(jnp.asarray([[start]]), jnp.asarray([[width]]))
     window = window._replace(shift=jnp.asarray([[shift]], jnp.uint32))
-    got = _window_hists(None, (jnp.asarray(floats_),), stages._identity, window)  # noqa: SLF001
+    got = WINDOW_PASSES[window_pass](None, (jnp.asarray(floats_),), stages._identity,  # noqa: SLF001
+                                     window)
     want = ref_window_histogram(keys.astype(np.uint32), start, width, shift)
     assert want[:stages._FINE].sum() > 0  # noqa: SLF001
     np.testing.assert_array_equal(np.asarray(got)[0], want)

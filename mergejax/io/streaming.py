@@ -9,7 +9,7 @@ and ``o_proj`` unless the kernel reads ``ctx.path``), written to its output shar
 and released, so memory holds a few tensors, not the model. A loader thread reads ahead
 and a writer thread writes behind the merge. A method with statistics passes (model-wide
 norms, a global top-k threshold) reads every tensor a pass `wants` once more per pass
-before merging (`mergejax.method.run_statistics`, the in-memory engine's own code).
+before merging (`mergejax.method.fold_statistics`, as a per-leaf in-memory merge does).
 
 The result is the in-memory merge's, bit for bit, random methods included: leaf keys
 derive from the user's key and the leaf's path (`mergejax.leaf_key`), statistics are folded
@@ -46,10 +46,9 @@ from mergejax.method import (
     LeafPlan,
     MergeMethod,
     canonical_view,
-    leaf_inputs,
+    fold_statistics,
     leaf_key,
     raise_not_finite,
-    run_statistics,
 )
 from mergejax.tree import MergeError, is_float
 
@@ -288,25 +287,15 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     """
     reader = _Reader(plan, base, models, mesh)
     method, leaves = plan.method, plan.leaves
-    coefficients = leaves.coefficients
-
-    def leaf_args(j: int):
-        return {n: c[j] for n, c in coefficients.items()}
 
     def keyed(path: str) -> jax.Array | None:
         return leaf_key(key, path) if key is not None else None
 
     stats: tuple[Any, ...] = ()
     if method.statistics and not all(skip(t) for t in plan.tensors if t.leaf is not None):
-        def every_leaf(statistics_pass):
-            for j, (path, static) in enumerate(leaves.static):
-                if not statistics_pass.wants(dict(static)):
-                    continue
-                b, xs = reader.read(path)
-                yield leaf_inputs(path, static, b, xs, leaf_args(j)) + (keyed(path),)
-                reader.release(path)
-
-        stats = run_statistics(method, every_leaf, plan.total_size)
+        stats = fold_statistics(method, leaves, lambda j: reader.read(leaves.paths[j]),
+                                [keyed(path) for path in leaves.paths], plan.total_size,
+                                release=lambda j: reader.release(leaves.paths[j]))
     kernels = LeafKernels(method, leaves, stats, plan.total_size, check_finite=check_finite)
     todo = [t for t in plan.tensors if not skip(t)]
     # Kernels that give the same bits on any view of a tensor run on its `canonical_view`:
