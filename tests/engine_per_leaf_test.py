@@ -141,8 +141,8 @@ def test_per_leaf_is_chosen_for_large_concrete_inputs_only(monkeypatch):
     assert len(calls) == 1
     jax.jit(lambda b, ms: mergejax.task_arithmetic(b, ms))(BASE, MODELS)
     assert len(calls) == 1  # traced: one program
-    mergejax.get_method("tsv_m")(BASE, MODELS)
-    assert len(calls) == 1 + (not mergejax.get_method("tsv_m").batched)
+    mergejax.tsv_m(BASE, MODELS)
+    assert len(calls) == 1  # declared runs_per_leaf=False: LAPACK-bound, one program
 
 
 def test_per_leaf_inside_jit_and_grad_matches_the_whole_program():

@@ -140,7 +140,8 @@ def _check_wudi(paths: list[str], statics: list[dict]) -> None:
 
 
 @leafwise("wudi", family="datafree", paper=WUDI_PAPER, coefficients=("scale",),
-          validate=_check_wudi, batched=matrices.LAPACK_BATCHED)
+          validate=_check_wudi, batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def wudi(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
          form: str = "gradient", iterations: int = 300, lr: float = 1e-5,
          omega: float | None = None, kernel_layout: str = "in_out",

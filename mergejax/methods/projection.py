@@ -223,7 +223,8 @@ def _check_doge(paths: list[str], statics: list[dict]) -> None:
           paper="Wei et al. 2025, Modeling multi-task model merging as adaptive projective "
                 "gradient descent (arXiv 2501.01230)",
           coefficients=("scale", "lr"), statistics=_DOGE_STATS, validate=_check_doge,
-          batched=matrices.LAPACK_BATCHED)
+          batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def doge(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=0.07, lr=1e-4,
          steps: int = 400, subspace: float = 6, density: float = 0.3, scope: str = "global",
          nonmatrix: str = "base", kernel_layout: str = "in_out",
@@ -359,7 +360,8 @@ def _check_dop(paths: list[str], statics: list[dict]) -> None:
 @leafwise("dop", family="datafree",
           paper="Yang et al. 2025, Continual model merging without data: dual projections "
                 "for balancing stability and plasticity (NeurIPS 2025)",
-          coefficients=("lr",), validate=_check_dop, batched=matrices.LAPACK_BATCHED)
+          coefficients=("lr",), validate=_check_dop, batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def dop(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, lr=1e-4,
         steps: int = 200, alpha: float = 0.8, mgda: bool = True, ema: bool = True,
         ema_beta: float = 0.999, svd_epsilon: float = 0.99999, proj_space: str = "uv",

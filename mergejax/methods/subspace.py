@@ -125,7 +125,8 @@ def _consensus(ctx: LeafContext, values: tuple[Array, ...], rank: int | Array, *
 @leafwise("knots", family="spectral",
           paper="Stoica et al. 2024, Model merging with SVD to tie the KnOTS (arXiv 2410.19735)",
           coefficients=("scale",), uses_key="optional", validate=_check_knots,
-          batched=matrices.LAPACK_BATCHED)
+          batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
           merge: str = "ties", density: float | None = None, elect: str = "mass",
           disjoint: str = "mean", topk: str = "fusionbench", rank: int | None = None,
@@ -272,7 +273,8 @@ def ho_gsvd_factors(d: Array, pi: float = 1e-3, ridge: float = 1e-6
           paper="Ponnapalli et al. 2011 / Kempf et al. 2021, higher-order GSVD (arXiv "
                 "2102.09822); as a model-merging basis: Skorobogat et al. 2025, "
                 "Subspace-Boosted Model Merging (arXiv 2506.16506)",
-          coefficients=("scale",), validate=_check_ho_gsvd, batched=matrices.LAPACK_BATCHED)
+          coefficients=("scale",), validate=_check_ho_gsvd, batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def ho_gsvd(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
             merge: str = "participation", pi: float = 1e-3, ridge: float = 1e-6,
             kernel_layout: str = "in_out", matrix_split: Any = "auto") -> Array:
@@ -402,7 +404,8 @@ def _rescaled(base: Array, total: Array, mean_norm: Array, total_norm: Array) ->
           paper="Tang et al. 2025, Merging models on the fly without retraining: a sequential "
                 "approach to scalable continual model merging (arXiv 2501.09522)",
           coefficients=("alpha",), statistics=(_opcm_norms,), validate=_check_opcm,
-          batched=matrices.LAPACK_BATCHED)
+          batched=matrices.LAPACK_BATCHED,
+          runs_per_leaf=False)
 def opcm(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, alpha=0.5,
          scope: str = "global", matrix_split: Any = "auto") -> Array:
     """OPCM: continual merging by orthogonal projection, models taken in the given order.
