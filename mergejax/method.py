@@ -379,8 +379,9 @@ class MergeMethod:
     compiled program over all leaves (what ``jax.jit`` of a merge traces into); True, one
     compiled kernel per group of same-shaped leaves (`LeafKernels`), run leaf after leaf,
     so compile time grows with the number of distinct leaf shapes, not with depth, and
-    memory holds one leaf's temporaries (ViT-B/32, 8 models, per-tensor TIES: first call
-    109 -> 14 s, peak 7.8 -> 2.1 models above the inputs, each later call ~13% slower).
+    memory holds one leaf's temporaries (ViT-B/32 shapes, 8 models, global TIES: first
+    call ~74 -> ~16 s, peak 6.0 -> 1.9 models above the inputs; later calls about as fast,
+    and task arithmetic's ~0.06 s slower: 216 calls).
     None (default): per leaf for concrete inputs with at least `PER_LEAF_MIN_SIZE` entries
     and a method that is neither ``batched`` nor declared ``runs_per_leaf=False``.
     """
@@ -613,19 +614,6 @@ def run_statistics(method: MergeMethod, leaves: Callable[[StatisticsPass], Any],
 PER_LEAF_MIN_SIZE = 1 << 22
 
 
-def _prepared(method: MergeMethod, plan, base_leaves, model_leaves, coefficients, key):
-    """``(inputs, total_size, keys, stats)``: every leaf's `leaf_inputs`, the number of
-    merged entries, the leaf keys and ``ctx.stats`` (all statistics passes)."""
-    inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
-                          model_leaves[j], {n: c[j] for n, c in coefficients.items()})
-              for j, (path, static) in enumerate(plan)]
-    total_size = sum(xs[0].size for _, _, xs, _, _ in inputs)
-    keys = _leaf_keys(key, [path for path, *_ in inputs])
-    stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
-                           total_size)
-    return inputs, total_size, keys, stats
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base_leaves,
                  model_leaves, coefficients, key):
@@ -636,8 +624,13 @@ def _run_kernels(method: MergeMethod, plan, out_dtypes, check_finite: bool, base
     scalars: one stacked array would make XLA fuse all leaves' reductions together, which
     measured 2-3x slower to compile.
     """
-    inputs, total_size, keys, stats = _prepared(method, plan, base_leaves, model_leaves,
-                                                coefficients, key)
+    inputs = [leaf_inputs(path, static, base_leaves[j] if base_leaves is not None else None,
+                          model_leaves[j], {n: c[j] for n, c in coefficients.items()})
+              for j, (path, static) in enumerate(plan)]
+    total_size = sum(xs[0].size for _, _, xs, _, _ in inputs)
+    keys = _leaf_keys(key, [path for path, *_ in inputs])
+    stats = run_statistics(method, lambda _: (i + (k,) for i, k in zip(inputs, keys)),
+                           total_size)
     if method.batched:
         outs = _batched_kernels(method, plan, out_dtypes, inputs, keys, stats, total_size)
     else:
@@ -787,7 +780,7 @@ def _run_per_leaf(method: MergeMethod, plan: LeafPlan, check_finite: bool, base_
                           speculative=concrete)
     results = [kernels.run(j, bases[j], model_leaves[j], keys[j])
                for j in range(len(model_leaves))]
-    if concrete and not _all_of([r[2] for r in results], jnp.all):
+    if concrete and results and not _all_of([r[2] for r in results], jnp.all):
         held = np.asarray(jax.device_get([r[2] for r in results]), bool)
         for j in np.flatnonzero(~held):
             results[j] = kernels.run_exact(j, bases[j], model_leaves[j], keys[j]) + (None,)

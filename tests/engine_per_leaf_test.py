@@ -230,3 +230,10 @@ def test_global_fallback_passes_run_where_the_window_missed(monkeypatch):
     assert found == [False, False]  # the window missed: neither fallback pass is idle
     _assert_same_bits(got, mergejax.ties(base, models, density=0.2, scope="global",
                                          per_leaf=False))
+
+
+def test_a_tree_without_floating_leaves_is_copied():
+    tree = {"step": jnp.asarray(4, jnp.int32), "mask": jnp.asarray([True, False])}
+    for name in ("task_arithmetic", "ties"):
+        got = mergejax.get_method(name)(tree, [tree, tree], per_leaf=True)
+        _assert_same_bits(got, tree)
