@@ -171,22 +171,33 @@ def test_a_non_finite_leaf_is_named():
         mergejax.task_arithmetic(BASE, models, per_leaf=True)
 
 
+def _sample_misleading(seed: int, stride: int, adversarial: bool, v_delta):
+    """A (1024, 520) leaf ``w`` and a small leaf ``v``, base and two models; with
+    ``adversarial`` every ``stride``-th entry of w's task vectors (all a strided sample
+    sees) is 1e-3, below the rank. ``v_delta(rng)`` is v's task vector."""
+    rng = np.random.default_rng(seed)
+    base = {"w": jnp.asarray(rng.standard_normal(BIG), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}
+    models = []
+    for _ in range(2):
+        tau = rng.standard_normal(BIG).astype(np.float32)
+        if adversarial:
+            tau.reshape(-1)[::stride] = 1e-3
+        models.append({"w": base["w"] + tau, "v": base["v"] + v_delta(rng)})
+    return base, models
+
+
+BIG = (1024, 520)
+
+
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_speculation_is_settled_after_the_leaves_ran(adversarial):
     """Per-tensor top-k over > 2**18 entries runs speculatively per leaf: a layout that
     misleads the sample needs the exact fallback, which is then compiled (for that leaf's
     group only), and both equal the whole program."""
-    shape, n = (1024, 520), 1024 * 520
-    stride = stages.sample_stride(n)
-    rng = np.random.default_rng(3)
-    base = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
-            "v": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}
-    models = []
-    for _ in range(2):
-        tau = rng.standard_normal(shape).astype(np.float32)
-        if adversarial:
-            tau.reshape(-1)[::stride] = 1e-3  # all the strided sample sees: below the rank
-        models.append({"w": base["w"] + tau, "v": base["v"] + rng.standard_normal((64, 8))})
+    shape = BIG
+    base, models = _sample_misleading(3, stages.sample_stride(BIG[0] * BIG[1]), adversarial,
+                                      lambda rng: rng.standard_normal((64, 8)))
     hparams = dict(density=0.2, scope="tensor", topk="mergekit")
     traced = []
     original = stages.select_thresholds
@@ -207,17 +218,8 @@ def test_speculation_is_settled_after_the_leaves_ran(adversarial):
 def test_global_fallback_passes_run_where_the_window_missed(monkeypatch):
     """A layout that misleads the model-wide sample: the window pass misses, so the radix
     fallback passes are not idle and update every leaf; the result is the program's."""
-    shape = (1024, 520)
-    n = 1024 * 520 + 64 * 8
-    stride = stages.sample_stride(n)
-    rng = np.random.default_rng(5)
-    base = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32),
-            "v": jnp.asarray(rng.standard_normal((64, 8)), jnp.float32)}
-    models = []
-    for _ in range(2):
-        tau = rng.standard_normal(shape).astype(np.float32)
-        tau.reshape(-1)[::stride] = 1e-3  # all the strided sample sees: below the rank
-        models.append({"w": base["w"] + tau, "v": base["v"] + 1e-3})
+    stride = stages.sample_stride(BIG[0] * BIG[1] + 64 * 8)
+    base, models = _sample_misleading(5, stride, True, lambda rng: 1e-3)
     found = []
     original = stages._window_found  # pylint: disable=protected-access
 
