@@ -47,7 +47,6 @@ from mergejax.method import (
     MergeMethod,
     canonical_view,
     fold_statistics,
-    leaf_key,
     raise_not_finite,
 )
 from mergejax.tree import MergeError, is_float
@@ -288,13 +287,10 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     reader = _Reader(plan, base, models, mesh)
     method, leaves = plan.method, plan.leaves
 
-    def keyed(path: str) -> jax.Array | None:
-        return leaf_key(key, path) if key is not None else None
-
     stats: tuple[Any, ...] = ()
     if method.statistics and not all(skip(t) for t in plan.tensors if t.leaf is not None):
         stats = fold_statistics(method, leaves, lambda j: reader.read(leaves.paths[j]),
-                                [keyed(path) for path in leaves.paths], plan.total_size,
+                                key, plan.total_size,
                                 release=lambda j: reader.release(leaves.paths[j]))
     kernels = LeafKernels(method, leaves, stats, plan.total_size, check_finite=check_finite)
     todo = [t for t in plan.tensors if not skip(t)]
@@ -317,9 +313,9 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             j = tensor.leaf
             b, xs = loads.popleft().result()
             loads.extend(itertools.islice(submitted, 1))
-            out, peak, held = kernels.run(j, b, xs, keyed(tensor.path))
+            out, peak, held = kernels.run(j, b, xs, key)
             if not held:
-                out, peak = kernels.run_exact(j, b, xs, keyed(tensor.path))
+                out, peak = kernels.run_exact(j, b, xs, key)
             values = np.asarray(out).reshape(tensor.shape)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)
