@@ -306,8 +306,8 @@ def leaf_key(key: jax.Array, path: str) -> jax.Array:
 def _key_parts(key: jax.Array | None, path: str) -> tuple[jax.Array, np.uint32] | None:
     """What a per-leaf compiled call (`_merge_leaf`, `_update_leaf`) derives leaf
     ``path``'s `leaf_key` from, inside the call (`_leaf_key_of`): the user's key and the
-    path's hash. An eager ``fold_in`` or index per leaf, outside, costs about 0.3 ms of
-    dispatch: 80 ms for ViT-B's 216 leaves."""
+    path's hash. Keys split outside and indexed leaf by leaf cost one eager op each: 80 ms
+    for ViT-B's 216 leaves, measured on a busy 2-core machine."""
     return None if key is None else (key, np.uint32(_path_hash(path)))
 
 
