@@ -246,13 +246,17 @@ class StatisticsPass(NamedTuple):
     passes' concrete results, is True when no leaf's ``update`` would change the
     accumulator its first leaf made (a fallback pass that is not needed): per-leaf and
     streaming merges (`fold_statistics`) then run ``update`` on the smallest wanted leaf
-    only.
+    only. ``init(ctx, num_models, **static_hparams)`` (optional) is an accumulator with
+    which the first leaf's ``update`` gives the bits it gives from None (zero histograms):
+    `fold_statistics` then starts from it, so that the first leaf shares its group's
+    compiled update instead of compiling one of its own (0.2-0.3 s per pass).
     """
 
     update: Callable[..., Any]
     finalize: Callable[..., Any] = lambda ctx, acc: acc
     active: Callable[..., bool] | None = None
     idle: Callable[[tuple[Any, ...]], bool] | None = None
+    init: Callable[..., Any] | None = None
 
     def wants(self, static_hparams: dict[str, Any]) -> bool:
         """Whether `update` needs a leaf with these static hyperparameters."""
@@ -755,6 +759,11 @@ def fold_statistics(method: MergeMethod, plan: LeafPlan,
         for j in wanted:
             path, static = plan.static[j]
             base, models = read(j)
+            if acc_static is None and statistics_pass.init is not None:
+                start = statistics_pass.init(LeafContext(path, None, stats, total_size),
+                                             len(models), **dict(static))
+                if start is not None:
+                    acc_arrays, acc_static = _split_stats(start)
             group = (index, tuple((x.shape, x.dtype) for x in (base, *models) if x is not None),
                      static, acc_static, stats_static)
             shares = (method, "update", group, total_size)

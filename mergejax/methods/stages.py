@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mergejax.method import (
@@ -696,7 +697,16 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
             ranks, state = acc
             return finalize(ctx, ranks, _flush(state, make_add(ctx, ranks)))
 
-        return StatisticsPass(update, done, active, idle)
+        def start(ctx, num_models, **hp):
+            """The accumulator `_fold` makes for the first leaf: zero histograms (NumPy:
+            jnp.zeros outside jit would compile a program per histogram shape)."""
+            ranks = live(ctx, hp)
+            if not ranks:
+                return None
+            zeros = jax.eval_shape(lambda: init(ranks, num_models))
+            return ranks, (np.zeros(zeros.shape, zeros.dtype), (), 0)
+
+        return StatisticsPass(update, done, active, idle, start)
 
     def sample_add(ctx, ranks):
         return lambda h, v: _histograms(h, *v(), _high_bins, _BINS)
