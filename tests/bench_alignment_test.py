@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from _helpers import REPO_ROOT, benchmark_env
 
 
+# A quick run of a benchmark script takes 20-40 s of CPU (subprocesses, compiles): with
+# -m slow, so that CI's default run stays well under its 20 minutes.
+@pytest.mark.slow
 def test_quick_run_times_both_solvers_and_recovers_planted_permutations(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_alignment", "--quick",

@@ -8,6 +8,9 @@ import pytest
 from _helpers import REPO_ROOT, benchmark_env
 
 
+# A quick run of a benchmark script takes 20-40 s of CPU (subprocesses, compiles): with
+# -m slow, so that CI's default run stays well under its 20 minutes.
+@pytest.mark.slow
 def test_quick_run_reports_the_step_against_its_floor_and_the_reference(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_learned", "--quick", f"--out_dir={tmp_path}"],

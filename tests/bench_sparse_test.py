@@ -4,11 +4,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 from _helpers import REPO_ROOT, benchmark_env
 
 CASES = ("floor_base", "task_arithmetic", "ties_global", "dare_ties")
 
 
+# A quick run of a benchmark script takes 20-40 s of CPU (subprocesses, compiles): with
+# -m slow, so that CI's default run stays well under its 20 minutes.
+@pytest.mark.slow
 def test_quick_run_reports_ratios_to_task_arithmetic(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_sparse", "--quick", f"--out_dir={tmp_path}",
