@@ -239,10 +239,13 @@ class StatisticsPass(NamedTuple):
     leaves' order, with ``acc=None`` for the first leaf (so in-place accumulators, e.g.
     a histogram filled by scatter-adds, need no per-leaf buffer); ``finalize(ctx, acc)``
     turns the last accumulator into the pass's entry of ``ctx.stats``. ``ctx.path`` is
-    "" there and ``ctx.key`` None. ``active(**static_hparams)`` is False for a leaf whose
-    ``update`` would return the accumulator unchanged (a model-wide top-k pass under
-    ``scope="tensor"``): `run_statistics` then skips the leaf, so a streaming merge does
-    not read it from disk. None: every leaf counts. ``idle(stats)``, given the earlier
+    "" there and ``ctx.key`` None. As for kernels, layer numbers must not matter to
+    ``update``: run leaf by leaf (`fold_statistics`), it sees the path with them replaced
+    by ``#``, so that every layer's leaf shares one compiled update.
+    ``active(**static_hparams)`` is False for a leaf whose ``update`` would return the
+    accumulator unchanged (a model-wide top-k pass under ``scope="tensor"``):
+    `run_statistics` then skips the leaf, so a streaming merge does not read it from
+    disk. None: every leaf counts. ``idle(stats)``, given the earlier
     passes' concrete results, is True when no leaf's ``update`` would change the
     accumulator its first leaf made (a fallback pass that is not needed): per-leaf and
     streaming merges (`fold_statistics`) then run ``update`` on the smallest wanted leaf
@@ -737,10 +740,12 @@ def fold_statistics(method: MergeMethod, plan: LeafPlan,
     compiled function shared by its leaf group (as `LeafKernels` runs kernels):
     ``read(j)`` gives leaf ``j``'s ``(base, models)`` (from memory, or from disk once per
     pass; ``release(j)`` follows); ``key`` is the user's key (each leaf gets its
-    `leaf_key`, derived inside the compiled update). Passes skip the leaves they do
-    not `StatisticsPass.wants`, and all but one when `StatisticsPass.idle` (given concrete
-    statistics). Accumulators are updated in place (donated). The result is
-    `run_statistics`' bit for bit: the leaves are folded in the same order.
+    `leaf_key`, derived inside the compiled update). An update that reads ``ctx.path``
+    gets it with layer numbers replaced by ``#`` (`LeafKernels`' rule). Passes skip the
+    leaves they do not `StatisticsPass.wants`, and all but one when
+    `StatisticsPass.idle` (given concrete statistics). Accumulators are updated in place
+    (donated). The result is `run_statistics`' bit for bit: the leaves are folded in the
+    same order.
 
     Example::
 
@@ -767,7 +772,8 @@ def fold_statistics(method: MergeMethod, plan: LeafPlan,
             group = (index, tuple((x.shape, x.dtype) for x in (base, *models) if x is not None),
                      static, acc_static, stats_static)
             shares = (method, "update", group, total_size)
-            statics = dict(method=method, index=index, path=_SHARED_PATH.get(shares, path),
+            statics = dict(method=method, index=index,
+                           path=_SHARED_PATH.get(shares, _path_class(path)),
                            static=static, acc_static=acc_static, stats_static=stats_static,
                            total_size=total_size)
             args = (acc_arrays, base, tuple(models),

@@ -205,6 +205,28 @@ def test_kernels_that_read_the_path_are_traced_per_name(checkpoints):
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_statistics_that_read_the_path_are_traced_per_name_not_per_layer(checkpoints):
+    """A statistics pass that decides from the name (here: the q_proj norm the kernel
+    rescales by) is traced once per (shape, name) class, like kernels: layer numbers never
+    matter, so the two layers share their updates (13 traces before, one per tensor)."""
+    traced = []
+
+    def q_norm(ctx, base, models):
+        traced.append(ctx.path)
+        weight = 1.0 if "q_proj" in ctx.path else 0.0
+        return weight * sum(jnp.sum((x - base) ** 2) for x in models)
+
+    @mergejax.leafwise("_q_normed_ta", family="basic", paper="-", register=False,
+                       statistics=(q_norm,))
+    def method(ctx, base, models):
+        return base + sum(x - base for x in models) / (1.0 + ctx.stats[0])
+
+    out = streamed(method, checkpoints)
+    assert len(traced) == 8  # 2 vocab, 2 norm, q, o, up, down; not 13 tensors
+    assert all("/layers/#/" in p for p in traced if "layers" in p)
+    assert_bitwise_equal(out, _merged_in_memory(method, checkpoints))
+
+
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_statistics_passes_read_only_the_leaves_they_need(checkpoints, monkeypatch, scope):
     """Per-tensor TIES has model-wide threshold passes that do nothing: streaming must not

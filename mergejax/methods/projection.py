@@ -153,7 +153,10 @@ def _doge_delta(taus: Array, lam: Array, lr: Array, steps: int, subspace: float)
 
 def _count_matrices() -> StatisticsPass:
     """``(entries, paths)`` of the matrix leaves: DOGE's global top-k ranks them only.
-    Python values, fixed at trace time from the shapes (the rank must be static)."""
+    Python values, fixed at trace time from the shapes (the rank must be static). The
+    paths are ``ctx.path`` as every pass sees it (layer numbers as ``#`` when the passes
+    run leaf by leaf), which `_doge_magnitudes` looks up: its values are strided slices in
+    the sample pass, so it cannot decide from the leaf's shape itself."""
     def update(ctx, acc, base, models, *, matrix_split, **hp):
         size, paths = acc if acc is not None else (0, frozenset())
         if matrices.matrix_split(ctx.path, base.shape, matrix_split) is None:
