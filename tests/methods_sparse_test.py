@@ -695,6 +695,24 @@ def test_select_thresholds_misleading_sample_falls_back_to_exact(huge):
                                   [ref_kth_largest(y.astype(np.float64), r) for r in ranks])
 
 
+def test_global_scope_sorts_a_small_model_and_histograms_a_large_one():
+    """A whole-model program over at most `_GLOBAL_SORT_MAX` entries per task selects by one
+    sort (compiles in a fraction of the four histogram passes' time); a larger one, and a
+    per-leaf merge of the small one, fold histograms. Both give the same bits."""
+    base, models = dyadic(3, 2, zeros=0.2)
+    program = str(jax.make_jaxpr(lambda b, ms: mergejax.ties(b, ms, density=0.3))(
+        base, models))
+    assert " sort[" in program and "scatter-add" not in program
+    whole = mergejax.ties(base, models, density=0.3)
+    per_leaf = mergejax.ties(base, models, density=0.3, per_leaf=True)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(per_leaf)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    n = stages._GLOBAL_SORT_MAX + 1  # pylint: disable=protected-access
+    big = str(jax.make_jaxpr(lambda b, ms: mergejax.ties(b, ms, density=0.3))(
+        jnp.zeros(n), [jnp.ones(n)] * 2))
+    assert "scatter-add" in big
+
+
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_ties_global_scope_on_a_big_model(adversarial):
     """Model-wide top-k over > 2**18 entries (the four statistics passes): a benign layout
