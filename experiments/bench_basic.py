@@ -259,8 +259,8 @@ def main(argv: list[str]) -> None:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     path = os.path.join(_OUT_DIR.value, "bench_basic.json")
     with open(path, "w") as f:
-        json.dump(dict(config=cfg, machine=benchlib.machine_info(_MMAP_THRESHOLD.value), model=model, rows=rows,
-                       in_process=_IN_PROCESS.value,
+        json.dump(dict(config=cfg, machine=benchlib.machine_info(_MMAP_THRESHOLD.value),
+                       model=model, rows=rows, in_process=_IN_PROCESS.value,
                        targets=dict(max_ratio_to_floor=1.5, max_extra_models=2.0)),
                   f, indent=2)
     print(f"wrote {path}")

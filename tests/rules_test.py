@@ -52,7 +52,8 @@ def test_rules_nest_with_gradients():
 
 
 @pytest.mark.parametrize("path,index", [
-    ("layers/3/attn/kernel", 3), ("encoder/layer_11/mlp", 11), ("blocks.2.w", 2), ("model.layers.5.self_attn.q_proj.weight", 5),
+    ("layers/3/attn/kernel", 3), ("encoder/layer_11/mlp", 11), ("blocks.2.w", 2),
+    ("model.layers.5.self_attn.q_proj.weight", 5),
     ("Transformer/encoderblock_4/MlpBlock_0/Dense_0/kernel", 4), ("h/7/attn", 7),
     ("Dense_0/kernel", None), ("model/layers.5/w", 5)])
 def test_layer_index(path, index):

@@ -55,12 +55,10 @@ def _check_widen(paths: list[str], statics: list[dict]) -> None:
         if not (is_finite_number(s["temperature"]) and s["temperature"] > 0):
             raise MergeError(f"temperature must be a finite number > 0, got "
                              f"{s['temperature']!r} at '{path}'")
-        if not (is_finite_number(s["above_average_value_ratio"]) and s["above_average_value_ratio"] >= 0):
-            raise MergeError(f"above_average_value_ratio must be a finite number >= 0, got "
-                             f"{s['above_average_value_ratio']!r} at '{path}'")
-        if not (is_finite_number(s["score_calibration_value"]) and s["score_calibration_value"] >= 0):
-            raise MergeError(f"score_calibration_value must be a finite number >= 0, got "
-                             f"{s['score_calibration_value']!r} at '{path}'")
+        for name in ("above_average_value_ratio", "score_calibration_value"):
+            if not (is_finite_number(s[name]) and s[name] >= 0):
+                raise MergeError(f"{name} must be a finite number >= 0, got {s[name]!r} at "
+                                 f"'{path}'")
         matrices.check_layout(s["kernel_layout"], path)
     matrices.check_matrix_split(paths, statics)
 
