@@ -27,7 +27,6 @@ from ml_collections import config_flags
 
 import mergejax
 from mergejax.suite import benchmark as benchmark_lib
-from mergejax.suite import model as model_lib
 from mergejax.suite import protocol as protocol_lib
 from mergejax.suite import report
 
@@ -37,21 +36,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _LINEARIZED = flags.DEFINE_bool(
     "linearized", False, "Fine-tune the experts in the tangent space at the pretrained "
     "backbone and evaluate every backbone as that linearised model.")
-
-
-def protocol_config(overrides) -> protocol_lib.ProtocolConfig:
-    """The suite's `ProtocolConfig` from the config's ``protocol`` overrides."""
-    values = overrides.to_dict()
-    fields = {f.name for f in dataclasses.fields(protocol_lib.ProtocolConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown protocol setting(s) {unknown}; valid: {sorted(fields)}")
-    if "vit" in values:
-        values["vit"] = model_lib.ViTConfig(**values["vit"])
-    for name in ("tasks", "tfds_names"):
-        if name in values:
-            values[name] = tuple(tuple(v) if isinstance(v, list) else v for v in values[name])
-    return protocol_lib.ProtocolConfig(**values)
 
 
 def method_names(requested) -> list[str]:
@@ -68,7 +52,8 @@ def main(argv):
     del argv
     config = _CONFIG.value
     names = method_names(config.methods)  # fail fast, before any training
-    cfg = dataclasses.replace(protocol_config(config.protocol), linearized=_LINEARIZED.value)
+    cfg = dataclasses.replace(protocol_lib.ProtocolConfig.from_overrides(
+        config.protocol.to_dict()), linearized=_LINEARIZED.value)
     start = time.perf_counter()
     suite = protocol_lib.build_suite(cfg, config.cache_dir)
     built = time.perf_counter() - start

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments.configs import benchmark as benchmark_config
 from mergejax import lora
 from mergejax.suite import benchmark as benchmark_lib
 from mergejax.suite import datasets, protocol
@@ -19,10 +20,20 @@ from mergejax.suite import tasks as tasks_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = protocol.ProtocolConfig(
-    tasks=("digits", "animals_coarse"), vit=model_lib.ViTConfig(width=16, depth=1, heads=2,
-                                                                embed_dim=16),
-    pretrain_steps=5, head_steps=5, finetune_steps=5, batch_size=16, max_train_examples=64)
+#: The binary's ``tiny`` suite: the end-to-end test reads the cache the fixture writes.
+TINY = protocol.ProtocolConfig.from_overrides(benchmark_config.TINY_PROTOCOL)
+
+
+def test_protocol_overrides_give_the_dataclass_and_reject_unknown_names():
+    assert TINY == protocol.ProtocolConfig(
+        tasks=("digits", "animals_coarse"), batch_size=16, pretrain_steps=5, head_steps=5,
+        finetune_steps=5, max_train_examples=64,
+        vit=model_lib.ViTConfig(width=16, depth=1, heads=2, embed_dim=16))
+    listed = protocol.ProtocolConfig.from_overrides(
+        {"tasks": ["digits"], "tfds_splits": [["test", "train"]]})
+    assert listed.tasks == ("digits",) and listed.tfds_splits == (("test", "train"),)
+    with pytest.raises(ValueError, match=r"unknown protocol setting\(s\) \['taks'\]"):
+        protocol.ProtocolConfig.from_overrides({"taks": ["digits"]})
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +250,22 @@ def _run_binary(tmp_path, *overrides):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
-def _end_to_end(tmp_path, *overrides) -> dict:
-    """Runs the binary and checks its outputs; returns the rows by method."""
+def _end_to_end(tmp_path, *overrides, cache: str | None = None) -> dict:
+    """Runs the binary and checks its outputs; returns the rows by method. With ``cache``
+    (a cache directory holding the suite) the binary must load the suite from there;
+    without, it trains it into its default cache directory."""
+    if cache:
+        overrides += (f"--config.cache_dir={cache}",)
     result = _run_binary(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "task_arithmetic" in result.stdout and "pretrained" in result.stdout
     out = tmp_path / "results" / "benchmark"
     for ext in ("csv", "json", "md", "png"):
         assert (out / f"results.{ext}").stat().st_size > 0
-    assert any((tmp_path / "cache" / "suite").glob("suite-*/meta.json"))
+    if cache:
+        assert "loaded the suite from" in result.stderr
+    else:
+        assert any((tmp_path / "cache" / "suite").glob("suite-*/meta.json"))
     with open(out / "results.json") as f:
         rows = {r["method"]: r for r in json.load(f)["rows"]}
     assert 0.0 <= rows["linear"]["average"] <= 1.0
@@ -256,10 +274,11 @@ def _end_to_end(tmp_path, *overrides) -> dict:
     return rows
 
 
-def test_benchmark_binary_end_to_end(tmp_path):
-    """One method of each kind: tuning-free, searched, spectral, learned, predict()-style."""
+def test_benchmark_binary_end_to_end(tmp_path, tiny_suite):
+    """One method of each kind: tuning-free, searched, spectral, learned, predict()-style,
+    on the suite the fixture trained (the binary's training is the same `build_suite`)."""
     names = ("linear", "task_arithmetic", "ties", "tsv_m", "adamerging", "surgery")
-    rows = _end_to_end(tmp_path, f"--config.methods={names!r}")
+    rows = _end_to_end(tmp_path, f"--config.methods={names!r}", cache=tiny_suite[1])
     assert set(names) <= set(rows)
     assert all(0.0 <= rows[n]["average"] <= 1.0 for n in names)
 

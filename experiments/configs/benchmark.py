@@ -11,8 +11,6 @@ and ``protocol.vit`` its sizes.
 
 import ml_collections
 
-from mergejax.suite.tasks import TASKS
-
 #: Each method's paper defaults where they differ from its function's defaults.
 PAPER_HPARAMS = {
     "task_arithmetic": {"scale": 0.3},  # Ilharco et al.; FusionBench's scaling_factor
@@ -60,6 +58,14 @@ TINY_HPARAMS = {
 }
 
 
+#: The ``tiny`` suite's protocol: two tasks, seconds to train. tests/suite_test.py trains
+#: the same suite, whose cache the binary's end-to-end test then reads.
+TINY_PROTOCOL = {"tasks": ("digits", "animals_coarse"), "batch_size": 16,
+                 "pretrain_steps": 5, "head_steps": 5, "finetune_steps": 5,
+                 "max_train_examples": 64,
+                 "vit": {"width": 16, "depth": 1, "heads": 2, "embed_dim": 16}}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.cache_dir = "cache/suite"
@@ -72,10 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Overrides of mergejax.suite.protocol.ProtocolConfig (all eight tasks by default).
     config.protocol = ml_collections.ConfigDict({"seed": 0})
     if arg == "tiny":
-        config.protocol.tasks = tuple(TASKS)[::3]
-        config.protocol.update({"pretrain_steps": 20, "head_steps": 20, "finetune_steps": 10,
-                                "max_train_examples": 256,
-                                "vit": {"width": 16, "depth": 1, "heads": 2, "embed_dim": 16}})
+        config.protocol.update(TINY_PROTOCOL)
         config.search = ml_collections.ConfigDict({"scale": [0.3, 1.0]})
         for name, values in TINY_HPARAMS.items():
             config.method_hparams[name] = {**PAPER_HPARAMS.get(name, {}), **values}

@@ -96,6 +96,28 @@ class ProtocolConfig:
     max_train_examples: int = 0
     linearized: bool = False
 
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any]) -> ProtocolConfig:
+        """The defaults with ``overrides`` (a config file's plain values: ``vit`` as a
+        dict, sequences as lists) applied; an unknown name is a `ValueError`.
+
+        Example::
+
+            cfg = ProtocolConfig.from_overrides({"tasks": ["digits"], "vit": {"width": 16}})
+        """
+        values = dict(overrides)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown protocol setting(s) {unknown}; valid: {sorted(fields)}")
+        if "vit" in values:
+            values["vit"] = model_lib.ViTConfig(**values["vit"])
+        for name in ("tasks", "tfds_names", "tfds_splits"):
+            if name in values:
+                values[name] = tuple(tuple(v) if isinstance(v, list) else v
+                                     for v in values[name])
+        return cls(**values)
+
     def key(self) -> str:
         """A short hash of the configuration: the cache directory's name."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
