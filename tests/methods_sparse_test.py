@@ -949,6 +949,29 @@ def test_emr_task_models_match_reference(rescale_sum):
     assert not np.allclose(lam, lam_other, rtol=1e-3)  # the two modes are distinguishable
 
 
+def test_emr_compiles_once_per_leaf_shape_and_once_for_every_task_model():
+    """Six layers of two shapes: two leaf compiles (not one program over every leaf), and
+    one task-model compile serves every task."""
+    from mergejax.methods import masking  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(3)
+    layers = lambda: {f"layer_{i}": {"kernel": rng.normal(size=(7, 5)).astype(np.float32),  # noqa: E731
+                                     "bias": rng.normal(size=(5,)).astype(np.float32)}
+                      for i in range(6)}
+    base, models = layers(), [layers() for _ in range(3)]
+    masking._modulated_leaf.clear_cache()  # pylint: disable=protected-access
+    masking._task_model.clear_cache()  # pylint: disable=protected-access
+    result = mergejax.emr(base, models)
+    assert masking._modulated_leaf._cache_size() == 2  # pylint: disable=protected-access
+    for t in range(3):
+        tau = {p: models[t][p]["kernel"] - base[p]["kernel"] for p in base}
+        got = result.task_model(t)
+        for p in base:  # the task model keeps only entries that agree with the elected sign
+            kept = np.asarray(got[p]["kernel"]) != base[p]["kernel"]
+            assert np.all(np.sign(np.asarray(got[p]["kernel"]) - base[p]["kernel"])[kept]
+                          == np.sign(tau[p])[kept])
+    assert masking._task_model._cache_size() == 1  # pylint: disable=protected-access
+
+
 @PROPERTY_SETTINGS
 @given(seed=st.integers(0, 2**31 - 1))
 def test_emr_one_task_gives_back_that_model(seed):
