@@ -454,11 +454,12 @@ def _reverse(inputs):
     return inputs[::-1]
 
 
-@pytest.mark.parametrize("bins", [200, 65536])
+@pytest.mark.parametrize("bins", [200, 300, 65536, 262144])
 def test_select_bin_finds_the_bin_of_each_rank(bins):
-    """`_select_bin` (two levels over blocks of 256 bins for long histograms, one level for
-    short ones) against a NumPy count from the top: the bin holding the rank-th largest
-    entry and the rank inside it, for ranks from 1 to the total."""
+    """`_select_bin` (one level up to 256 bins or off the block size, else a level per
+    block of 256: two for 65536 bins, three for 262144) against a NumPy count from the
+    top: the bin holding the rank-th largest entry and the rank inside it, for ranks from
+    1 to the total."""
     rng = np.random.default_rng(bins)
     hist = np.where(rng.random((3, bins)) < 0.01, rng.integers(1, 9, (3, bins)), 0)
     hist[1, :] = 0
@@ -475,6 +476,16 @@ def test_select_bin_finds_the_bin_of_each_rank(bins):
             b = np.flatnonzero(at_or_above >= ranks[i, j]).max()
             assert (int(got_bin[i, j]), int(got_rank[i, j])) == (
                 b, ranks[i, j] - (at_or_above[b] - hist[j, b]))
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1025, 40000])
+def test_exclusive_prefix_matches_numpy(n):
+    """The recursive blockwise prefix sums against NumPy's, for 0/1 flags and counts."""
+    rng = np.random.default_rng(n)
+    for flags in (rng.random(n) < 0.3, rng.integers(0, 1000, n)):
+        got = jax.jit(stages._exclusive_prefix)(jnp.asarray(flags, jnp.int32))  # noqa: SLF001
+        expected = np.cumsum(flags) - flags
+        np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def _window_case_keys(case: str, n: int, start: int, width: int, seed: int) -> np.ndarray:

@@ -36,9 +36,10 @@ the rows of 16 entries that hold a key inside the window: a row test, the candid
 compacted, then a loop over chunks of them, so its cost follows the number of candidates.
 
 Cost on XLA:CPU (2 cores, measured): a scatter-add costs ~3.4 ns per entry (it does not
-vectorise), a fused row test ~0.3 ns, a cumsum ~10 ns per entry (hence `_exclusive_prefix`
-and the two-level `_select_bin`). Per-tensor selection of 8 x 2.4M entries: 4.4 ns per
-entry scattering every key, 2.0 ns with the candidate rows. XLA:CPU does not fuse
+vectorise), a fused row test ~0.3 ns, a cumsum ~10 ns per entry and ~0.2 s of compile
+(hence the triangular products of `_exclusive_prefix` and the blockwise `_select_bin`).
+Per-tensor selection of 8 x 2.4M entries: 4.4 ns per entry scattering every key, 2.0 ns
+with the candidate rows. XLA:CPU does not fuse
 elementwise producers into reductions (other than the few float patterns its YNNPACK
 fusions take): they are materialised, and a fresh output buffer costs ~0.5 ns per byte in
 page faults. On XLA:CPU's default scheduler, large programs keep every leaf's
@@ -173,24 +174,34 @@ _SELECT_BLOCK = 256
 def _select_bin(hist: Array, rank: Array) -> tuple[Array, Array]:
     """The bin holding the ``rank``-th largest entry, and that entry's rank inside it.
 
-    Batched: ``hist`` is ``(..., bins)`` and ``rank`` ``(...)``. XLA:CPU's cumsum costs
-    ~10 ns per entry (and ~70 ms to compile over 65536 bins), so a long histogram is
-    searched in two levels: the block of `_SELECT_BLOCK` bins holding the rank (from the
-    block sums), then the bin inside that block.
+    Batched: ``hist`` is ``(..., bins)`` and ``rank`` ``(...)``. A histogram longer than
+    `_SELECT_BLOCK` bins (a multiple of it) is searched level by level: the block of
+    `_SELECT_BLOCK` bins holding the rank (from the block sums, recursively), then the bin
+    inside that block, so that every search is over at most `_SELECT_BLOCK` bins.
     """
     bins = hist.shape[-1]
     rank = jnp.broadcast_to(rank, hist.shape[:-1])
     if bins <= _SELECT_BLOCK or bins % _SELECT_BLOCK:
         return _select_bin_flat(hist, rank)
     blocks = hist.reshape(hist.shape[:-1] + (bins // _SELECT_BLOCK, _SELECT_BLOCK))
-    block, rank_in_block = _select_bin_flat(jnp.sum(blocks, axis=-1), rank)
+    block, rank_in_block = _select_bin(jnp.sum(blocks, axis=-1), rank)
     within = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
     b, rank_in_bin = _select_bin_flat(within, rank_in_block)
     return block * _SELECT_BLOCK + b, rank_in_bin
 
 
+def _at_or_above(hist: Array) -> Array:
+    """The count in each bin or higher (a reversed cumsum). Up to `_SELECT_BLOCK` bins, a
+    product with a triangle of ones (integer, so exact): XLA:CPU compiles a cumsum in
+    ~0.1-0.3 s and this in a few tens of ms, and runs both in the same time there."""
+    bins = hist.shape[-1]
+    if bins > _SELECT_BLOCK:
+        return jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+    return hist @ jnp.tril(jnp.ones((bins, bins), hist.dtype))
+
+
 def _select_bin_flat(hist: Array, rank: Array) -> tuple[Array, Array]:
-    at_or_above = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # this bin or higher
+    at_or_above = _at_or_above(hist)  # this bin or higher
     b = jnp.maximum(jnp.sum(at_or_above >= rank[..., None], axis=-1) - 1, 0)
     pick = lambda a: jnp.take_along_axis(a, b[..., None], axis=-1)[..., 0]
     return b, rank - (pick(at_or_above) - pick(hist))
@@ -314,16 +325,18 @@ _PREFIX_BLOCK = 32
 
 
 def _exclusive_prefix(flags: Array) -> Array:
-    """Exclusive prefix sums of the 0/1 int32 ``flags`` (XLA:CPU's cumsum costs ~10 ns per
-    entry: sums within blocks of 32 come from a matmul with a triangle of ones, exact in
-    float32, and only the block totals go through cumsum)."""
+    """Exclusive prefix sums of the int32 ``flags`` (0/1, or counts: exact while the total
+    fits int32). Each level sums within blocks of `_PREFIX_BLOCK` by a product with a
+    triangle of ones and recurses on the block totals: XLA:CPU's cumsum costs ~10 ns per
+    entry and ~0.2 s to compile; on 147456 flags this runs in half its time and compiles
+    in two thirds."""
     n = flags.shape[0]
-    blocks = jnp.pad(flags, (0, -n % _PREFIX_BLOCK)).astype(jnp.float32)
-    triangle = jnp.triu(jnp.ones((_PREFIX_BLOCK, _PREFIX_BLOCK), jnp.float32))
-    within = (blocks.reshape(-1, _PREFIX_BLOCK) @ triangle).astype(jnp.int32)
-    totals = within[:, -1]
-    inclusive = within + (jnp.cumsum(totals) - totals)[:, None]
-    return inclusive.reshape(-1)[:n] - flags
+    if n <= _PREFIX_BLOCK:
+        return flags @ jnp.triu(jnp.ones((n, n), flags.dtype), 1)
+    blocks = jnp.pad(flags, (0, -n % _PREFIX_BLOCK)).reshape(-1, _PREFIX_BLOCK)
+    inclusive = blocks @ jnp.triu(jnp.ones((_PREFIX_BLOCK, _PREFIX_BLOCK), flags.dtype))
+    before = _exclusive_prefix(inclusive[:, -1])  # the totals of the blocks before
+    return (inclusive - blocks + before[:, None]).reshape(-1)[:n]
 
 
 def _identity(values: tuple[Array, ...]) -> tuple[Array, ...]:
