@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import registry
-from mergejax.method import LeafContext, leafwise
+from mergejax.method import LeafContext, StatisticsPass, leafwise
 from mergejax.methods import stages
 from mergejax.tree import (
     MergeError,
@@ -424,9 +424,9 @@ def _pcb_clip_ranks(size: int, clip: float) -> tuple[int, int]:
     return size - int(size * clip), size - int(size * (1.0 - clip) - 1)
 
 
-def _pcb_score_ranks(size: int, density: float) -> tuple[int, int]:
-    """Descending ranks of the score floor (ascending index ``int(D (1 - r))``) and max."""
-    return size - int(size * (1.0 - density)), 1
+def _pcb_floor_rank(size: int, density: float) -> int:
+    """Descending rank of the score floor (the code's ascending index ``int(D (1 - r))``)."""
+    return size - int(size * (1.0 - density))
 
 
 def _pcb_size(ctx: LeafContext, x: Array, scope: str) -> int:
@@ -470,8 +470,8 @@ def _pcb_passes():
     def clip_ranks(ctx, *, scope, clip, **_):
         return _pcb_clip_ranks(ctx.total_size, clip) if scope == "global" else ()
 
-    def score_ranks(ctx, *, scope, density, **_):
-        return _pcb_score_ranks(ctx.total_size, density) if scope == "global" else ()
+    def floor_ranks(ctx, *, scope, density, **_):
+        return (_pcb_floor_rank(ctx.total_size, density),) if scope == "global" else ()
 
     def is_global(*, scope, **_):
         return scope == "global"
@@ -479,11 +479,25 @@ def _pcb_passes():
     magnitudes = stages.global_threshold_passes(
         lambda ctx, base, models, **hp: tuple(jnp.abs(base - x) for x in models), clip_ranks,
         is_global)
-    scores = stages.global_threshold_passes(
-        lambda ctx, base, models, *, clip, scope, **_: _pcb_scores(
-            ctx, base, models, clip=clip, scope=scope, negated=True)[1], score_ranks,
-        is_global)
-    return magnitudes + scores
+    scores = lambda ctx, base, models, *, clip, scope, **_: _pcb_scores(  # noqa: E731
+        ctx, base, models, clip=clip, scope=scope, negated=True)[1]
+    floors = stages.global_threshold_passes(scores, floor_ranks, is_global)
+
+    def top(ctx, acc, base, models, **hp):
+        part = _pcb_top(scores(ctx, base, models, **hp))
+        return part if acc is None else jnp.maximum(acc, part)
+
+    tops = StatisticsPass(top, active=is_global, init=lambda ctx, num_models, **_: np.full(
+        (num_models,), -np.inf, np.float32))
+    return magnitudes + floors + (tops,)
+
+
+def _pcb_top(scores: tuple[Array, ...]) -> Array:
+    """Each task's largest score (the rank-1 threshold, by one fused float reduction: the
+    top-k passes' windows around a sample's estimate miss the maximum, and their exact
+    fallback passes compiled and ran for every leaf). A zero maximum may come as -0.0
+    here where the top-k passes give 0.0; the merge does not depend on the zero's sign."""
+    return jnp.stack([jnp.max(b) for b in scores])
 
 
 def _check_pcb(paths: list[str], statics: list[dict]) -> None:
@@ -529,9 +543,10 @@ def pcb(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, weights=Non
     """
     clipped, scores = _pcb_scores(ctx, base, models, clip=clip, scope=scope)
     size = _pcb_size(ctx, base, scope)
-    bounds = _pcb_bounds(ctx, scores, _pcb_score_ranks(size, density), scope, 4)
+    floors = _pcb_bounds(ctx, scores, (_pcb_floor_rank(size, density),), scope, 4)
+    tops = ctx.stats[8] if scope == "global" else _pcb_top(scores)
     weighted, total = [], []
-    for k, (t, b, (floor, top)) in enumerate(zip(clipped, scores, bounds)):
+    for k, (t, b, (floor,), top) in enumerate(zip(clipped, scores, floors, tops)):
         span = top - floor
         s = jnp.where(span > 0, (jnp.maximum(b, floor) - floor) / jnp.where(span > 0, span,
                                                                             1.0), 0.0)
