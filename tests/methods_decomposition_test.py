@@ -406,15 +406,17 @@ def test_experts_scale_sweep_compiles_once():
     b, xs = floats(base), [floats(m) for m in models]
     first = free_merging_experts(base, models, density=0.3, scale=0.8)
     first.task_model(0)
-    sizes = (decomposition._free_experts._cache_size(),  # pylint: disable=protected-access
-             decomposition._free_task_model._cache_size())  # pylint: disable=protected-access
+    sizes = tuple(f._cache_size() for f in (  # pylint: disable=protected-access
+        decomposition._free_expert_leaf, decomposition._free_rescalers,  # noqa: SLF001
+        decomposition._free_task_model))  # pylint: disable=protected-access
     for s, es in ((0.2, 1.0), (1.0, 0.1)):
         result = free_merging_experts(base, models, density=0.3, scale=s, expert_scale=es)
         expected, _ = ref_experts(b, xs, density=0.3, scale=s, expert_scale=es)
         for t in range(3):
             check_tree(result.task_model(t), expected[t], base, **F32)
-    assert sizes == (decomposition._free_experts._cache_size(),  # pylint: disable=protected-access
-                     decomposition._free_task_model._cache_size())  # pylint: disable=protected-access
+    assert sizes == tuple(f._cache_size() for f in (  # pylint: disable=protected-access
+        decomposition._free_expert_leaf, decomposition._free_rescalers,  # noqa: SLF001
+        decomposition._free_task_model))  # pylint: disable=protected-access
 
 
 def test_bfloat16_in_bfloat16_out():

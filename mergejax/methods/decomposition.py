@@ -363,33 +363,34 @@ def _free_task_model(base, vector, indices, values, rescalers, views, combine, t
     return treedef.unflatten(out)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _free_experts(plan, density: float, rescale: bool, base_leaves, model_leaves, weights,
-                  scale, expert_scale):
-    """The backbone vectors, the experts and the rescalers, in one compiled pass."""
-    vectors, indices, values = [], [], []
-    mean_v, mean_expert = [], []
-    for (split, layout, ratio, cutoff, align, non_matrix), b, xs in zip(
-            plan, base_leaves, model_leaves):
-        cdt = jnp.promote_types(b.dtype, jnp.float32)
-        b = b.astype(cdt)
-        xs = tuple(x.astype(cdt) for x in xs)
-        vs = _filtered_task_vectors(b, xs, split, ratio, cutoff, align)
-        vectors.append(_backbone_vector(b, vs, split, non_matrix, weights.astype(cdt),
-                                        scale.astype(cdt)).astype(jnp.float32))
-        mean_v.append(jnp.mean(jnp.abs(vs.reshape(len(xs), -1)), axis=1))
-        rows = jnp.stack([_rows(x - b, (split, layout)) for x in xs])
-        k = rows.shape[-1] if b.ndim == 0 else int(rows.shape[-1] * density)
-        _, idx = jax.lax.top_k(jnp.abs(rows), k)
-        val = jnp.take_along_axis(rows, idx, axis=-1)
-        indices.append(idx.astype(jnp.int32))
-        values.append(val.astype(jnp.float32))
-        mean_expert.append(jnp.sum(jnp.abs(val), axis=(1, 2)) / (b.size * density))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _free_expert_leaf(leaf_plan, density: float, b, xs, weights, scale):
+    """One floating leaf's backbone vector, expert indices and values, and the per-task
+    means that `_free_rescalers` averages over leaves."""
+    split, layout, ratio, cutoff, align, non_matrix = leaf_plan
+    cdt = jnp.promote_types(b.dtype, jnp.float32)
+    b = b.astype(cdt)
+    xs = tuple(x.astype(cdt) for x in xs)
+    vs = _filtered_task_vectors(b, xs, split, ratio, cutoff, align)
+    vector = _backbone_vector(b, vs, split, non_matrix, weights.astype(cdt),
+                              scale.astype(cdt)).astype(jnp.float32)
+    mean_v = jnp.mean(jnp.abs(vs.reshape(len(xs), -1)), axis=1)
+    rows = jnp.stack([_rows(x - b, (split, layout)) for x in xs])
+    k = rows.shape[-1] if b.ndim == 0 else int(rows.shape[-1] * density)
+    _, idx = jax.lax.top_k(jnp.abs(rows), k)
+    val = jnp.take_along_axis(rows, idx, axis=-1)
+    mean_expert = jnp.sum(jnp.abs(val), axis=(1, 2)) / (b.size * density)
+    return vector, idx.astype(jnp.int32), val.astype(jnp.float32), mean_v, mean_expert
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _free_rescalers(density: float, rescale: bool, mean_v, mean_expert, expert_scale):
+    """``expert_scale * mu`` from the leaves' per-task means (`free_merging_experts`)."""
     e_v = functools.reduce(jnp.add, mean_v) / len(mean_v)
     e_m = functools.reduce(jnp.add, mean_expert) / len(mean_expert)
     mu = -e_m * np.log10(density) / jnp.where(e_v > 0, e_v, 1.0)
     mu = jnp.where(e_v > 0, mu, 0.0) if rescale else jnp.ones_like(e_v)
-    return vectors, indices, values, (expert_scale * mu).astype(jnp.float32)
+    return (expert_scale * mu).astype(jnp.float32)
 
 
 def free_merging_experts(base: PyTree, models: Sequence[PyTree], *, weights=None,
@@ -469,11 +470,17 @@ def free_merging_experts(base: PyTree, models: Sequence[PyTree], *, weights=None
                          f"({k}), got shape {np.shape(w)}")
     if np.shape(scale) != () or np.shape(expert_scale) != ():
         raise MergeError("free_merging_experts: scale and expert_scale must be scalars")
-    vectors, idx, vals, rescalers = _free_experts(
-        plan, float(density), rescale, [base_leaves[i] for i in floating],
-        [tuple(ml[i] for ml in model_leaves) for i in floating],
-        jnp.asarray(w, jnp.float32), jnp.asarray(scale, jnp.float32),
-        jnp.asarray(expert_scale, jnp.float32))
+    if not floating:
+        raise MergeError("free_merging_experts: the params have no floating-point leaf")
+    # Leaf by leaf (one compile per leaf plan and shape): only the per-task means cross
+    # leaves, and one program over every leaf compiles for a long time.
+    weights, scale = jnp.asarray(w, jnp.float32), jnp.asarray(scale, jnp.float32)
+    vectors, idx, vals, mean_v, mean_expert = zip(*(
+        _free_expert_leaf(leaf_plan, float(density), base_leaves[i],
+                          tuple(ml[i] for ml in model_leaves), weights, scale)
+        for leaf_plan, i in zip(plan, floating)))
+    rescalers = _free_rescalers(float(density), rescale, mean_v, mean_expert,
+                                jnp.asarray(expert_scale, jnp.float32))
     vector_leaves, index_leaves, value_leaves = list(base_leaves), [None] * len(paths), \
         [None] * len(paths)
     views: list[Any] = [None] * len(paths)
