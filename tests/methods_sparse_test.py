@@ -454,12 +454,15 @@ def _reverse(inputs):
     return inputs[::-1]
 
 
+@pytest.mark.parametrize("triangular", [True, False])
 @pytest.mark.parametrize("bins", [200, 300, 65536, 262144])
-def test_select_bin_finds_the_bin_of_each_rank(bins):
+def test_select_bin_finds_the_bin_of_each_rank(bins, triangular, monkeypatch):
     """`_select_bin` (one level up to 256 bins or off the block size, else a level per
-    block of 256: two for 65536 bins, three for 262144) against a NumPy count from the
-    top: the bin holding the rank-th largest entry and the rank inside it, for ranks from
-    1 to the total."""
+    block of 256: two for 65536 bins, three for 262144), with CPU's triangular products
+    and with the cumsums of other backends, against a NumPy count from the top: the bin
+    holding the rank-th largest entry and the rank inside it, for ranks from 1 to the
+    total."""
+    monkeypatch.setattr(stages, "_triangular_sums", lambda: triangular)
     rng = np.random.default_rng(bins)
     hist = np.where(rng.random((3, bins)) < 0.01, rng.integers(1, 9, (3, bins)), 0)
     hist[1, :] = 0
@@ -468,7 +471,8 @@ def test_select_bin_finds_the_bin_of_each_rank(bins):
     ranks = np.stack([rng.integers(1, t + 1, 40) for t in totals], axis=1)  # (40, 3)
     ranks[0] = totals  # the smallest entry
     ranks[1] = 1  # the largest
-    got_bin, got_rank = jax.jit(stages._select_bin)(  # noqa: SLF001
+    select = lambda h, r: stages._select_bin(h, r)  # noqa: E731, SLF001 (a fresh trace)
+    got_bin, got_rank = jax.jit(select)(
         jnp.asarray(np.broadcast_to(hist, (40, 3, bins)), jnp.int32), jnp.asarray(ranks))
     for i in range(40):
         for j in range(3):
@@ -478,12 +482,16 @@ def test_select_bin_finds_the_bin_of_each_rank(bins):
                 b, ranks[i, j] - (at_or_above[b] - hist[j, b]))
 
 
+@pytest.mark.parametrize("triangular", [True, False])
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 1025, 40000])
-def test_exclusive_prefix_matches_numpy(n):
-    """The recursive blockwise prefix sums against NumPy's, for 0/1 flags and counts."""
+def test_exclusive_prefix_matches_numpy(n, triangular, monkeypatch):
+    """The prefix sums (CPU's recursive blockwise products, or cumsum) against NumPy's,
+    for 0/1 flags and counts."""
+    monkeypatch.setattr(stages, "_triangular_sums", lambda: triangular)
     rng = np.random.default_rng(n)
     for flags in (rng.random(n) < 0.3, rng.integers(0, 1000, n)):
-        got = jax.jit(stages._exclusive_prefix)(jnp.asarray(flags, jnp.int32))  # noqa: SLF001
+        prefix = lambda f: stages._exclusive_prefix(f)  # noqa: E731, SLF001 (a fresh trace)
+        got = jax.jit(prefix)(jnp.asarray(flags, jnp.int32))
         expected = np.cumsum(flags) - flags
         np.testing.assert_array_equal(np.asarray(got), expected)
 

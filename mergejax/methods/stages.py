@@ -190,12 +190,18 @@ def _select_bin(hist: Array, rank: Array) -> tuple[Array, Array]:
     return block * _SELECT_BLOCK + b, rank_in_bin
 
 
+def _triangular_sums() -> bool:
+    """Whether prefix sums go through integer products with a triangle of ones: on CPU,
+    where XLA compiles a cumsum in ~0.1-0.3 s and such a product in tens of ms and both
+    are exact. Elsewhere cumsum (exact there too, and not a compile-time concern)."""
+    return jax.default_backend() == "cpu"
+
+
 def _at_or_above(hist: Array) -> Array:
-    """The count in each bin or higher (a reversed cumsum). Up to `_SELECT_BLOCK` bins, a
-    product with a triangle of ones (integer, so exact): XLA:CPU compiles a cumsum in
-    ~0.1-0.3 s and this in a few tens of ms, and runs both in the same time there."""
+    """The count in each bin or higher (a reversed cumsum; on CPU, up to `_SELECT_BLOCK`
+    bins, an integer product with a triangle of ones, `_triangular_sums`)."""
     bins = hist.shape[-1]
-    if bins > _SELECT_BLOCK:
+    if bins > _SELECT_BLOCK or not _triangular_sums():
         return jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
     return hist @ jnp.tril(jnp.ones((bins, bins), hist.dtype))
 
@@ -326,11 +332,13 @@ _PREFIX_BLOCK = 32
 
 def _exclusive_prefix(flags: Array) -> Array:
     """Exclusive prefix sums of the int32 ``flags`` (0/1, or counts: exact while the total
-    fits int32). Each level sums within blocks of `_PREFIX_BLOCK` by a product with a
-    triangle of ones and recurses on the block totals: XLA:CPU's cumsum costs ~10 ns per
-    entry and ~0.2 s to compile; on 147456 flags this runs in half its time and compiles
-    in two thirds."""
+    fits int32). On CPU (`_triangular_sums`) each level sums within blocks of
+    `_PREFIX_BLOCK` by an integer product with a triangle of ones and recurses on the
+    block totals: XLA:CPU's cumsum costs ~10 ns per entry and ~0.2 s to compile; on
+    147456 flags this runs in half its time and compiles in two thirds."""
     n = flags.shape[0]
+    if not _triangular_sums():
+        return jnp.cumsum(flags) - flags
     if n <= _PREFIX_BLOCK:
         return flags @ jnp.triu(jnp.ones((n, n), flags.dtype), 1)
     blocks = jnp.pad(flags, (0, -n % _PREFIX_BLOCK)).reshape(-1, _PREFIX_BLOCK)
