@@ -540,8 +540,9 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
     A strided sample, then one histogram pass over a window around the sample's estimate;
     two exact radix passes when the window missed (`lax.cond`: they run only then).
     Inputs of up to 2**18 entries go straight to the exact radix passes, and up to 2**12
-    entries to a sort (cheaper there than 65536-bin histograms, to run and to compile), as
-    do float64 values (the radix keys are float32).
+    entries to a sort of their order keys (cheaper there than 65536-bin histograms, to run
+    and to compile; -0.0 ranks below 0.0 as in the histograms), and float64 values to a
+    sort of the values (the radix keys are float32).
     """
     shapes = jax.eval_shape(values_of, inputs)
     size, k = shapes[0].size, len(shapes)
@@ -550,8 +551,13 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
         return _edges(jnp.zeros((0, k)), ranks, size, k)
     if size <= _SORT_MAX or shapes[0].dtype == jnp.float64:
         values = values_of(inputs)
-        ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
-        return _edges(jnp.stack([ordered[:, size - r] for r in live]), ranks, size, k)
+        if shapes[0].dtype == jnp.float64:
+            ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
+            pick = lambda i: ordered[:, i]  # noqa: E731
+        else:  # XLA:CPU sorts uint32 keys ~5x faster than floats (one operand, no NaN rule)
+            keys = jnp.sort(jnp.stack([order_key(v) for v in values]), axis=-1)
+            pick = lambda i: _from_key(keys[:, i])  # noqa: E731
+        return _edges(jnp.stack([pick(size - r) for r in live]), ranks, size, k)
 
     def radix(_):
         high = _histograms(None, inputs, values_of, _high_bins, _BINS)
