@@ -498,13 +498,16 @@ def test_exclusive_prefix_matches_numpy(n, triangular, monkeypatch):
 
 @pytest.mark.parametrize("size", [4, 5000])
 def test_small_and_radix_selections_rank_negative_zero_below_zero(size):
-    """Up to 2**12 entries `select_thresholds` sorts order keys, above it histograms them:
-    both rank -0.0 below 0.0 (a float sort holds them equal and keeps their order)."""
+    """Up to 2**12 entries `select_thresholds` and `kth_largest` (also with a traced rank)
+    sort order keys, above it they histogram them: both rank -0.0 below 0.0 (a float sort
+    holds them equal and keeps their order)."""
     x = np.full(size, 7.0, np.float32)
     x[:4] = [3.0, 0.0, -0.0, 1.0]
     got = np.asarray(stages.select_thresholds((jnp.asarray(x),), (size - 1, size)))[:, 0]
     assert got[0] == 0.0 and not np.signbit(got[0])  # the second smallest: 0.0
     assert got[1] == 0.0 and np.signbit(got[1])  # the smallest: -0.0
+    traced = jax.jit(stages.kth_largest)(jnp.asarray(x), jnp.int32(size))  # traced rank
+    assert traced == 0.0 and np.signbit(traced)
 
 
 def _window_case_keys(case: str, n: int, start: int, width: int, seed: int) -> np.ndarray:

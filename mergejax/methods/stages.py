@@ -39,11 +39,10 @@ Cost on XLA:CPU (2 cores, measured): a scatter-add costs ~3.4 ns per entry (it d
 vectorise), a fused row test ~0.3 ns, a cumsum ~10 ns per entry and ~0.2 s of compile
 (hence the triangular products of `_exclusive_prefix` and the blockwise `_select_bin`).
 Per-tensor selection of 8 x 2.4M entries: 4.4 ns per entry scattering every key, 2.0 ns
-with the candidate rows. XLA:CPU does not fuse
-elementwise producers into reductions (other than the few float patterns its YNNPACK
-fusions take): they are materialised, and a fresh output buffer costs ~0.5 ns per byte in
-page faults. On XLA:CPU's default scheduler, large programs keep every leaf's
-intermediates alive at once
+with the candidate rows. XLA:CPU does not fuse elementwise producers into reductions
+(other than the few float patterns its YNNPACK fusions take): they are materialised, and a
+fresh output buffer costs ~0.5 ns per byte in page faults. On XLA:CPU's default
+scheduler, large programs keep every leaf's intermediates alive at once
 (``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` avoids it; see
 ``experiments/bench_sparse.py``).
 
@@ -57,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -550,13 +550,7 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
     if not live:
         return _edges(jnp.zeros((0, k)), ranks, size, k)
     if size <= _SORT_MAX or shapes[0].dtype == jnp.float64:
-        values = values_of(inputs)
-        if shapes[0].dtype == jnp.float64:
-            ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
-            pick = lambda i: ordered[:, i]  # noqa: E731
-        else:  # XLA:CPU sorts uint32 keys ~5x faster than floats (one operand, no NaN rule)
-            keys = jnp.sort(jnp.stack([order_key(v) for v in values]), axis=-1)
-            pick = lambda i: _from_key(keys[:, i])  # noqa: E731
+        pick = _ascending(values_of(inputs))
         return _edges(jnp.stack([pick(size - r) for r in live]), ranks, size, k)
 
     def radix(_):
@@ -588,6 +582,18 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
     return _edges(speculate(jnp.all(found), windowed, radix, None), ranks, size, k)
 
 
+def _ascending(values: Sequence[Array]) -> Callable[[Any], Array]:
+    """``pick(i)``: the ``i``-th smallest entry (0-based) of each of the K arrays, by a
+    sort of their order keys (XLA:CPU sorts one uint32 operand ~5x faster than floats, and
+    the keys rank -0.0 below 0.0 as the histograms do), or of the values for float64
+    (the keys are float32)."""
+    if values[0].dtype == jnp.float64:
+        ordered = jnp.sort(jnp.stack([v.reshape(-1) for v in values]), axis=-1)
+        return lambda i: ordered[:, i]
+    keys = jnp.sort(jnp.stack([order_key(v) for v in values]), axis=-1)
+    return lambda i: _from_key(keys[:, i])
+
+
 def kth_largest(x: Array, rank: int | Array) -> Array:
     """Exact ``rank``-th largest entry of ``x`` (1-based), no sort (`select_thresholds`).
     ``rank`` may be traced (then by the two exact radix passes). ``rank <= 0`` gives +inf
@@ -596,8 +602,7 @@ def kth_largest(x: Array, rank: int | Array) -> Array:
     if isinstance(rank, int):
         return select_thresholds((x,), (rank,))[0, 0]
     if x.size <= _SORT_MAX or x.dtype == jnp.float64:
-        ordered = jnp.sort(x.reshape(-1))
-        value = ordered[x.size - jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)]
+        value = _ascending((x,))(x.size - jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size))[0]
         return jnp.where(rank <= 0, jnp.inf, jnp.where(rank > x.size, -jnp.inf, value))
     r = jnp.clip(jnp.asarray(rank, jnp.int32), 1, x.size)
     high = _histograms(None, (x,), _identity, _high_bins, _BINS)[0]
