@@ -157,6 +157,9 @@ def per_matrix(fn: Callable[..., Any], *arrays: Array) -> Any:
 
 
 def _svd(m: Array) -> tuple[Array, Array, Array]:
+    if m.shape[-2] < m.shape[-1]:  # LAPACK's gesdd is ~20% faster on the tall transpose
+        v, s, u = _svd(jnp.swapaxes(m, -1, -2))
+        return u, s, v
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     return u, s, jnp.swapaxes(vt, -1, -2)
 
