@@ -3,6 +3,8 @@ kernel per group of same-shaped leaves, speculation settled after the leaves ran
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,7 @@ HPARAMS = {"darex": {"q": 0.5}, "nearswap": {"t": 0.5}}
 ULP_METHODS = ("karcher", "multislerp")
 #: Methods whose per-leaf runs each exercise a different part of the engine: model-wide
 #: statistics and speculation (ties, consensus, breadcrumbs), a ``batched`` kernel
-#: (free_merging), a decomposing one declared ``runs_per_leaf=False`` (iso_c); keys and two
+#: (free_merging), a decomposing one (iso_c: an SVD per matrix leaf); keys and two
 #: models run in the bfloat16 test below (dare_ties, slerp). Every method's kernels run leaf
 #: by leaf in tests/io_streaming_test.py (the same `LeafKernels` and `fold_statistics`), so
 #: here the others run with ``-m slow`` (CI's time limit).
@@ -132,6 +134,51 @@ def test_statistics_passes_compile_once_per_leaf_group():
     assert compiled.count("jit(_merge_leaf)") == 6
 
 
+@pytest.mark.parametrize("workers", [1, 4])
+def test_leaf_threads_keep_the_bits_and_compile_a_shared_kernel_once(monkeypatch, workers):
+    """Leaves dispatched from ``workers`` threads: the whole program's bits, and q, k, v
+    (one shape, three names, a kernel that never reads the path) share one compile, as
+    leaf after leaf in one thread."""
+    monkeypatch.setattr(method_lib, "leaf_workers", lambda: workers)
+    rng = np.random.default_rng(5)
+    trees = [{name: jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)
+              for name in ("q", "k", "v")} for _ in range(3)]
+    base, models = trees[0], trees[1:]
+    jax.clear_caches()
+    method_lib._SHARED_PATH.clear()  # pylint: disable=protected-access (count compiles)
+    merged = []
+    compiled = _backend_compiles(lambda: merged.append(
+        mergejax.task_arithmetic(base, models, scale=0.4, per_leaf=True)) or merged[0])
+    assert compiled.count("jit(_merge_leaf)") == 1
+    _assert_same_bits(merged[0], mergejax.task_arithmetic(base, models, scale=0.4,
+                                                          per_leaf=False))
+    for name in ("ties", "breadcrumbs", "iso_c"):
+        _assert_same_bits(registry.get_method(name)(BASE, MODELS, per_leaf=True),
+                          registry.get_method(name)(BASE, MODELS, per_leaf=False))
+
+
+def test_each_groups_first_leaf_runs_before_the_rest_of_its_group():
+    """`_dispatch_leaves`: results in leaf order; a group's other leaves start only after
+    its first leaf (which traces and compiles the group's kernel) returned."""
+    groups = ["a", "b", "a", "c", "b", "a", "c"]
+    sizes = [1, 5, 9, 2, 2, 3, 7]
+    spans: dict[int, tuple[float, float]] = {}
+
+    def run(j):
+        start = time.perf_counter()
+        if groups.index(groups[j]) == j:
+            time.sleep(0.05)  # a compile
+        spans[j] = (start, time.perf_counter())
+        return j * 10
+
+    got = method_lib._dispatch_leaves(run, groups, sizes, workers=4)  # pylint: disable=protected-access
+    assert got == [j * 10 for j in range(len(groups))]
+    for j, group in enumerate(groups):
+        lead = groups.index(group)
+        if j != lead:
+            assert spans[j][0] >= spans[lead][1], (j, lead)
+
+
 def test_per_leaf_is_chosen_for_large_concrete_inputs_only(monkeypatch):
     calls = []
     original = method_lib._run_per_leaf  # pylint: disable=protected-access
@@ -149,8 +196,10 @@ def test_per_leaf_is_chosen_for_large_concrete_inputs_only(monkeypatch):
     assert len(calls) == 1
     jax.jit(lambda b, ms: mergejax.task_arithmetic(b, ms))(BASE, MODELS)
     assert len(calls) == 1  # traced: one program
-    mergejax.tsv_m(BASE, MODELS)
+    mergejax.knots(BASE, MODELS)
     assert len(calls) == 1  # declared runs_per_leaf=False: LAPACK-bound, one program
+    mergejax.tsv_m(BASE, MODELS)
+    assert len(calls) == 2  # measured faster per leaf
 
 
 def test_per_leaf_inside_jit_and_grad_matches_the_whole_program():

@@ -203,8 +203,7 @@ def _stacked_matrices(taus: Sequence[Array], split: int) -> Array:
 
 
 @leafwise("tsv_m", family="spectral", paper=TSV_PAPER, coefficients=("weights", "scale"),
-          per_model=("weights",), validate=_check_spectral, batched=matrices.LAPACK_BATCHED,
-          runs_per_leaf=False)
+          per_model=("weights",), validate=_check_spectral, batched=matrices.LAPACK_BATCHED)
 def tsv_m(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, weights=None,
           scale=1.0, sv_reduction: float | None = None, solver: str = "svd",
           matrix_split: Any = "auto") -> Array:
@@ -383,8 +382,7 @@ registry.register(tsv_c)
 
 
 @leafwise("iso_c", family="spectral", paper=ISO_PAPER, coefficients=("scale",),
-          validate=_check_spectral, batched=matrices.LAPACK_BATCHED,
-          runs_per_leaf=False)
+          validate=_check_spectral, batched=matrices.LAPACK_BATCHED)
 def iso_c(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
           solver: str = "svd", matrix_split: Any = "auto") -> Array:
     """Iso-C: ``theta_0 + scale * mean(S) U V^T`` per matrix leaf, where ``U diag(S) V^T``
@@ -418,8 +416,7 @@ def iso_c(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
 
 
 @leafwise("iso_cts", family="spectral", paper=ISO_PAPER, coefficients=("scale",),
-          validate=_check_spectral, batched=matrices.LAPACK_BATCHED,
-          runs_per_leaf=False)
+          validate=_check_spectral, batched=matrices.LAPACK_BATCHED)
 def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0,
             common_space_fraction: float = 0.8, solver: str = "svd",
             matrix_split: Any = "auto", kernel_layout: str = "in_out") -> Array:
