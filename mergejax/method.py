@@ -828,19 +828,31 @@ MAX_LEAF_WORKERS = 4
 
 
 def leaf_workers() -> int:
-    """Threads that dispatch a per-leaf merge's kernels: on the CPU backend, the cores this
-    process may use (at most `MAX_LEAF_WORKERS`), else 1.
+    """Threads that dispatch a per-leaf merge's kernels: ``$MERGEJAX_LEAF_WORKERS`` if set;
+    else on the CPU backend the cores this process may use (at most `MAX_LEAF_WORKERS`),
+    and 1 elsewhere. Each thread holds one leaf's temporaries: 1 gives the least memory
+    (ViT-B/32 shapes, 8 models, per-tensor TIES: 1.9 models' worth above the inputs,
+    2.5 with 2 threads).
 
     XLA:CPU runs one thread's calls one after another, and a kernel's LAPACK calls, sorts
     and scatters on one core each; calls from several threads run side by side (ViT-B/32
     shapes, 8 models, 2 cores: Iso-C 17.5 -> 9.3 s, per-tensor TIES 3.35 -> 1.94 s, task
     arithmetic unchanged). Accelerators already queue one thread's calls asynchronously.
     """
+    given = os.environ.get("MERGEJAX_LEAF_WORKERS")
+    if given is not None:
+        if not given.strip().isdigit() or int(given) < 1:
+            raise MergeError(f"MERGEJAX_LEAF_WORKERS must be a positive integer, got {given!r}")
+        return int(given)
     if jax.default_backend() != "cpu":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count() or 1
     return max(1, min(cores, MAX_LEAF_WORKERS))
+
+
+#: Leaf size (entries) from which `_dispatch_leaves` queues no call behind a running one.
+_QUEUE_BELOW = 1 << 20
 
 
 def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Sequence[int],
@@ -849,11 +861,12 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
 
     XLA:CPU runs the calls one thread dispatched one after another, so a thread takes its
     next leaf only once its last but one has finished (one call queued behind the running
-    one): the leaves are shared out as the threads free up, largest first (``sizes``),
-    and the last to finish is a small one. The first leaf of each group (leaves sharing
-    one compiled kernel) runs before the rest of its group, so a group is traced and
-    compiled once, not once per thread. Only the calls' order changes: the results are
-    the same bit for bit.
+    one; none behind a leaf of `_QUEUE_BELOW` entries or more, whose temporaries would
+    then be held twice per thread): the leaves are shared out as the threads free up,
+    largest first (``sizes``), and the last to finish is a small one. The first leaf of
+    each group (leaves sharing one compiled kernel) runs before the rest of its group,
+    so a group is traced and compiled once, not once per thread. Only the calls' order
+    changes: the results are the same bit for bit.
     """
     if workers <= 1 or len(groups) <= 1:
         return [run(j) for j in range(len(groups))]
@@ -869,6 +882,9 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
         result = run(j)
         jax.block_until_ready(getattr(queued, "last", None))
         queued.last = result
+        if sizes[j] >= _QUEUE_BELOW:
+            jax.block_until_ready(result)  # nothing queued behind a large leaf
+            queued.last = None
         return result
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -878,6 +894,28 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
         rest = {j: pool.submit(dispatch, j) for j in largest_first if first[groups[j]] != j}
         return [(leads[groups[j]] if first[groups[j]] == j else rest[j]).result()
                 for j in range(len(groups))]
+
+
+def map_leaves(fn: Callable[..., Any], leaf_args: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``[fn(*args) for args in leaf_args]`` for a jitted per-leaf function, dispatched as a
+    per-leaf merge's kernels are: from `leaf_workers` threads when every array is concrete
+    (`_dispatch_leaves`), calls with the same non-array arguments and array shapes sharing
+    one compiled function.
+
+    Example::
+
+        vectors = map_leaves(jitted_leaf_fn, [(b, xs) for b, xs in zip(bases, models)])
+    """
+    def group(args: tuple[Any, ...]) -> Any:
+        leaves, treedef = jax.tree.flatten(args)
+        return treedef, tuple((x.shape, x.dtype) if hasattr(x, "shape") else x
+                              for x in leaves)
+
+    arrays = jax.tree.leaves(leaf_args)
+    return _dispatch_leaves(
+        lambda j: fn(*leaf_args[j]), [group(a) for a in leaf_args],
+        [sum(math.prod(np.shape(x)) for x in jax.tree.leaves(a)) for a in leaf_args],
+        workers=1 if _holds_tracer(arrays) else leaf_workers())
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -157,6 +157,17 @@ def test_leaf_threads_keep_the_bits_and_compile_a_shared_kernel_once(monkeypatch
                           registry.get_method(name)(BASE, MODELS, per_leaf=False))
 
 
+def test_leaf_workers_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("MERGEJAX_LEAF_WORKERS", "3")
+    assert method_lib.leaf_workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MERGEJAX_LEAF_WORKERS", bad)
+        with pytest.raises(mergejax.MergeError, match="MERGEJAX_LEAF_WORKERS must be"):
+            method_lib.leaf_workers()
+    monkeypatch.delenv("MERGEJAX_LEAF_WORKERS")
+    assert 1 <= method_lib.leaf_workers() <= method_lib.MAX_LEAF_WORKERS
+
+
 def test_each_groups_first_leaf_runs_before_the_rest_of_its_group():
     """`_dispatch_leaves`: results in leaf order; a group's other leaves start only after
     its first leaf (which traces and compiles the group's kernel) returned."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from mergejax import registry
 from mergejax import rules as rules_lib
-from mergejax.method import LeafContext, leafwise
+from mergejax.method import LeafContext, leafwise, map_leaves
 from mergejax.methods import matrices
 from mergejax.rules import is_finite_number
 from mergejax.tree import (
@@ -475,10 +475,9 @@ def free_merging_experts(base: PyTree, models: Sequence[PyTree], *, weights=None
     # Leaf by leaf (one compile per leaf plan and shape): only the per-task means cross
     # leaves, and one program over every leaf compiles for a long time.
     weights, scale = jnp.asarray(w, jnp.float32), jnp.asarray(scale, jnp.float32)
-    vectors, idx, vals, mean_v, mean_expert = zip(*(
-        _free_expert_leaf(leaf_plan, float(density), base_leaves[i],
-                          tuple(ml[i] for ml in model_leaves), weights, scale)
-        for leaf_plan, i in zip(plan, floating)))
+    vectors, idx, vals, mean_v, mean_expert = zip(*map_leaves(_free_expert_leaf, [
+        (leaf_plan, float(density), base_leaves[i], tuple(ml[i] for ml in model_leaves),
+         weights, scale) for leaf_plan, i in zip(plan, floating)]))
     rescalers = _free_rescalers(float(density), rescale, mean_v, mean_expert,
                                 jnp.asarray(expert_scale, jnp.float32))
     vector_leaves, index_leaves, value_leaves = list(base_leaves), [None] * len(paths), \

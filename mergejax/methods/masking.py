@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import registry
-from mergejax.method import LeafContext, StatisticsPass, leafwise
+from mergejax.method import LeafContext, StatisticsPass, leafwise, map_leaves
 from mergejax.methods import stages
 from mergejax.tree import (
     MergeError,
@@ -132,20 +132,16 @@ def modulated_merge(base: PyTree, models: Sequence[PyTree], name: str, leaf_fn,
     _, base_leaves, treedef = flatten_with_paths(base)
     model_leaves = [jax.tree.leaves(m) for m in models]
     extra_leaves = jax.tree.leaves(extra) if extra is not None else None
-    vectors, masks, parts = [], [], []
-    for i, b in enumerate(base_leaves):
-        if not is_float(b):
-            vectors.append(b)
-            masks.append(None)
-            continue
-        extra_leaf = () if extra_leaves is None else (extra_leaves[i],)
-        vector, packed, stats = _modulated_leaf(leaf_fn, b, tuple(ml[i] for ml in model_leaves),
-                                                *extra_leaf)
-        vectors.append(vector)
-        masks.append(packed)
-        parts.append(stats)
-    if not parts:
+    floating = [i for i, b in enumerate(base_leaves) if is_float(b)]
+    if not floating:
         raise MergeError(f"{name}: the params have no floating-point leaf to merge")
+    built = map_leaves(functools.partial(_modulated_leaf, leaf_fn), [
+        (base_leaves[i], tuple(ml[i] for ml in model_leaves),
+         *(() if extra_leaves is None else (extra_leaves[i],))) for i in floating])
+    vectors, masks = list(base_leaves), [None] * len(base_leaves)
+    for i, (vector, packed, _) in zip(floating, built):
+        vectors[i], masks[i] = vector, packed
+    parts = [stats for _, _, stats in built]
     rescalers = _summed_rescalers(rescalers_fn, tuple(parts))
     return ModulatedMerge(base, treedef.unflatten(vectors), treedef.unflatten(masks), rescalers)
 
