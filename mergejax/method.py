@@ -400,10 +400,10 @@ class MergeMethod:
     compiled program over all leaves (what ``jax.jit`` of a merge traces into); True, one
     compiled kernel per group of same-shaped leaves (`LeafKernels`), run leaf by leaf
     (from `leaf_workers` threads), so compile time grows with the number of distinct leaf
-    shapes, not with depth, and memory holds a few leaves' temporaries (one per thread;
-    ViT-B/32 shapes, 8 models, global TIES: first
-    call ~74 -> ~16 s, peak 6.0 -> 1.9 models above the inputs; later calls about as fast,
-    and task arithmetic's ~0.06 s slower: 216 calls).
+    shapes, not with depth, and memory holds a few leaves' temporaries, one per thread
+    (ViT-B/32 shapes, 8 models, global TIES: first call ~74 -> ~16 s, peak 6.0 -> 1.9
+    models above the inputs; later calls about as fast, and task arithmetic's ~0.06 s
+    slower: 216 calls).
     None (default): per leaf for concrete inputs with at least `PER_LEAF_MIN_SIZE` entries
     and a method that is neither ``batched`` nor declared ``runs_per_leaf=False``.
     """
@@ -866,10 +866,16 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
     largest first (``sizes``), and the last to finish is a small one. The first leaf of
     each group (leaves sharing one compiled kernel) runs before the rest of its group,
     so a group is traced and compiled once, not once per thread. Only the calls' order
-    changes: the results are the same bit for bit.
+    changes: the results are the same bit for bit. New threads see JAX's global
+    configuration, not the caller's context managers (``jax.enable_x64()``,
+    ``jax.default_matmul_precision(...)``), so with one of those in force the leaves run
+    in the calling thread.
     """
     if workers <= 1 or len(groups) <= 1:
         return [run(j) for j in range(len(groups))]
+    with concurrent.futures.ThreadPoolExecutor(1) as probe:
+        if probe.submit(lambda: dict(jax.config.values)).result() != jax.config.values:
+            return [run(j) for j in range(len(groups))]
     first: dict[Any, int] = {}
     for j in range(len(groups)):
         first.setdefault(groups[j], j)

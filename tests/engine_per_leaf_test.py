@@ -168,6 +168,21 @@ def test_leaf_workers_follow_the_environment(monkeypatch):
     assert 1 <= method_lib.leaf_workers() <= method_lib.MAX_LEAF_WORKERS
 
 
+def test_leaves_run_under_the_callers_config_context(monkeypatch):
+    """Worker threads do not inherit ``jax.enable_x64()``: under it, float64 leaves are
+    merged in float64 (in the calling thread), not silently in float32."""
+    monkeypatch.setattr(method_lib, "leaf_workers", lambda: 4)
+    with jax.enable_x64(True):
+        base, models = (jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), t)
+                        for t in (BASE, MODELS))
+        got = mergejax.task_arithmetic(base, models, scale=0.3, per_leaf=True)
+    expected = (np.asarray(BASE["embed"], np.float64) + 0.3 * sum(
+        np.asarray(m["embed"], np.float64) - np.asarray(BASE["embed"], np.float64)
+        for m in MODELS))
+    assert got["embed"].dtype == np.float64
+    np.testing.assert_allclose(np.asarray(got["embed"]), expected, rtol=1e-12)
+
+
 def test_each_groups_first_leaf_runs_before_the_rest_of_its_group():
     """`_dispatch_leaves`: results in leaf order; a group's other leaves start only after
     its first leaf (which traces and compiles the group's kernel) returned."""
