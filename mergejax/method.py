@@ -873,9 +873,6 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
     """
     if workers <= 1 or len(groups) <= 1:
         return [run(j) for j in range(len(groups))]
-    with concurrent.futures.ThreadPoolExecutor(1) as probe:
-        if probe.submit(lambda: dict(jax.config.values)).result() != jax.config.values:
-            return [run(j) for j in range(len(groups))]
     first: dict[Any, int] = {}
     for j in range(len(groups)):
         first.setdefault(groups[j], j)
@@ -894,6 +891,8 @@ def _dispatch_leaves(run: Callable[[int], Any], groups: Sequence[Any], sizes: Se
         return result
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        if pool.submit(lambda: dict(jax.config.values)).result() != jax.config.values:
+            return [run(j) for j in range(len(groups))]
         leads = {groups[j]: pool.submit(dispatch, j) for j in largest_first
                  if first[groups[j]] == j}
         # Submitted after every lead, so a thread waits only on a lead already running.
