@@ -59,12 +59,17 @@ def serial(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("any_signs", [False, True])
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (5, 5)])
-def test_svd_and_polar(serial, shape):
+def test_svd_and_polar(serial, shape, any_signs):
     a = np.random.default_rng(sum(shape)).standard_normal((2, 3, *shape)).astype(np.float32)
-    u, s, v = (np.asarray(x) for x in matrices.svd(jnp.asarray(a)))
+    u, s, v = (np.asarray(x) for x in matrices.svd(jnp.asarray(a), any_signs=any_signs))
+    r = min(shape)
+    assert u.shape == (2, 3, shape[0], r) and v.shape == (2, 3, shape[1], r)
     np.testing.assert_allclose(s, np.linalg.svd(a, compute_uv=False), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(u @ (s[..., None] * np.swapaxes(v, -1, -2)), a, atol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, np.broadcast_to(np.eye(r), u.shape[:2]
+                                                                           + (r, r)), atol=1e-5)
     got = np.asarray(matrices.polar(jnp.asarray(a)))
     expected = np.stack([[np_polar(m) for m in row] for row in a.astype(np.float64)])
     np.testing.assert_allclose(got, expected, atol=2e-5)

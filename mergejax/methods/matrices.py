@@ -157,17 +157,27 @@ def per_matrix(fn: Callable[..., Any], *arrays: Array) -> Any:
 
 
 def _svd(m: Array) -> tuple[Array, Array, Array]:
-    if m.shape[-2] < m.shape[-1]:  # LAPACK's gesdd is ~20% faster on the tall transpose
-        v, s, u = _svd(jnp.swapaxes(m, -1, -2))
-        return u, s, v
     u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     return u, s, jnp.swapaxes(vt, -1, -2)
 
 
-def svd(m: Array) -> tuple[Array, Array, Array]:
+def _svd_via_tall(m: Array) -> tuple[Array, Array, Array]:
+    if m.shape[-2] < m.shape[-1]:
+        v, s, u = _svd(jnp.swapaxes(m, -1, -2))
+        return u, s, v
+    return _svd(m)
+
+
+def svd(m: Array, *, any_signs: bool = False) -> tuple[Array, Array, Array]:
     """Thin SVD ``m = U diag(S) V^T`` over the last two axes (batched over the others),
-    singular values descending. Returns ``(U, S, V)`` with V, not V^T."""
-    return per_matrix(_svd, m)
+    singular values descending. Returns ``(U, S, V)`` with V, not V^T.
+
+    ``any_signs=True`` is for callers whose result does not depend on the signs of the
+    singular pairs (``U V^T``, projections, polar factors): a wide matrix is then
+    decomposed through its tall transpose, where LAPACK's gesdd is ~20% faster ((768,
+    3072): 0.44 -> 0.35 s), and its pairs' signs may differ from LAPACK's (NumPy's,
+    PyTorch's) on ``m`` itself, which methods that elect signs (KnOTS) must keep."""
+    return per_matrix(_svd_via_tall if any_signs else _svd, m)
 
 
 def eigh(m: Array) -> tuple[Array, Array]:
@@ -185,7 +195,8 @@ def inv(m: Array) -> Array:
     return per_matrix(jnp.linalg.inv, m)
 
 
-def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array, Array]:
+def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = False
+                 ) -> tuple[Array, Array, Array]:
     """The ``r`` largest singular triplets ``(U (.., p, r), S (.., r), V (.., q, r))`` of
     ``m (.., p, q)``, descending.
 
@@ -194,13 +205,13 @@ def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array
     side (``eigh``, about 2x cheaper than the SVD on CPU) and recovers the other side by
     one product: the kept triplets are accurate to float32 tolerance when
     ``sigma_1 / sigma_r`` is moderate (relative error ~ eps * (sigma_1 / sigma_i)^2), which
-    holds for the top fraction of a task matrix's spectrum.
+    holds for the top fraction of a task matrix's spectrum. ``any_signs`` as in `svd`.
     """
     p, q = m.shape[-2:]
     if not 0 < r <= min(p, q):
         raise MergeError(f"rank {r} is outside [1, {min(p, q)}] for a {p}x{q} matrix")
     if solver == "svd":
-        u, s, v = svd(m)
+        u, s, v = svd(m, any_signs=any_signs)
         return u[..., :r], s[..., :r], v[..., :r]
     if solver != "gram":
         raise MergeError(f"solver must be 'svd' or 'gram', got {solver!r}")
@@ -215,5 +226,5 @@ def top_singular(m: Array, r: int, *, solver: str = "svd") -> tuple[Array, Array
 
 def polar(m: Array) -> Array:
     """The orthogonal polar factor ``U V^T`` of ``m = U S V^T`` (batched)."""
-    u, _, v = svd(m)
+    u, _, v = svd(m, any_signs=True)
     return u @ jnp.swapaxes(v, -1, -2)

@@ -177,7 +177,7 @@ def tsv_factors(taus: Array, r: int, *, solver: str = "svd") -> tuple[Array, Arr
         u, s, v = tsv_factors(jnp.stack([tau_a, tau_b]), r=4)
         merged_tau = (u * s) @ v.T
     """
-    u, s, v = matrices.top_singular(taus, r, solver=solver)
+    u, s, v = matrices.top_singular(taus, r, solver=solver, any_signs=True)
     u_cat, v_cat = _concat_tasks(u), _concat_tasks(v)
     s_cat = s.reshape(*s.shape[:-2], -1)
     return matrices.polar(u_cat), s_cat, matrices.polar(v_cat)
@@ -408,7 +408,7 @@ def iso_c(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
         return base + scale * _mean(taus)
     m = matrices.as_matrix(functools.reduce(jnp.add, taus), split)
     if solver == "svd":
-        u, s, v = matrices.svd(m)
+        u, s, v = matrices.svd(m, any_signs=True)
         return base + scale * (jnp.mean(s) * (u @ _t(v))).reshape(base.shape)
     polar, w = _gram_polar(m)
     mean_s = jnp.mean(jnp.sqrt(jnp.maximum(w, 0.0)))
@@ -454,7 +454,7 @@ def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1
     views = [matrices.torch_view(matrices.as_matrix(t, split), kernel_layout) for t in taus]
     common, per_task = iso_cts_sizes(min(views[0].shape), len(models), common_space_fraction,
                                      ctx.path)
-    u_all, s, v = matrices.svd(functools.reduce(jnp.add, views))
+    u_all, s, v = matrices.svd(functools.reduce(jnp.add, views), any_signs=True)
     u, s, v = u_all[:, :common], s[:common], v[:, :common]
     if per_task:
         stack = jnp.stack(views)
@@ -463,11 +463,12 @@ def iso_cts(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1
             # matrix is rest (rest^T tau): decompose the small factor (its rank is exactly
             # that of the projection, where an SVD of the full matrix can fail to converge).
             rest = u_all[:, common:]
-            ut, st, vt = matrices.top_singular(_t(rest) @ stack, per_task, solver=solver)
+            ut, st, vt = matrices.top_singular(_t(rest) @ stack, per_task, solver=solver,
+                                               any_signs=True)
             ut = rest @ ut
         else:
             ut, st, vt = matrices.top_singular(stack - u @ (_t(u) @ stack), per_task,
-                                               solver=solver)
+                                               solver=solver, any_signs=True)
         u = jnp.concatenate([_concat_tasks(ut), u], axis=-1)
         v = jnp.concatenate([_concat_tasks(vt), v], axis=-1)
         s = jnp.concatenate([st.reshape(-1), s])
