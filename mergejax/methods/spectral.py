@@ -170,7 +170,9 @@ def tsv_factors(taus: Array, r: int, *, solver: str = "svd") -> tuple[Array, Arr
     of ``U`` and ``V`` (``P Q^T`` of their SVDs ``P diag Q^T``), so they have orthonormal
     columns when ``K r <= p`` (resp. ``q``). The merged task matrix is
     ``U_o diag(S) V_o^T``. ``solver`` is `matrices.top_singular`'s (FusionBench: "svd");
-    the polar factors always come from an SVD.
+    the polar factors always come from an SVD. Column ``i`` of ``U_o`` and of ``V_o`` may
+    both have the other sign than from PyTorch's SVD (`matrices.svd`'s ``any_signs``);
+    the merged matrix does not depend on it.
 
     Example::
 
