@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import conftest
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -104,6 +107,28 @@ def test_streaming_equals_in_memory_bit_for_bit(method, checkpoints):
     expected = in_memory(method, dirs, **kwargs)
     assert_bitwise_equal(streamed(method, dirs, **kwargs), expected,
                          ulp=1 if method in ULP_METHODS else 0)
+
+
+#: Methods whose bit-for-bit sweep is repeated at XLA's default optimisation level: one
+#: of each kind of kernel (top-k, random, per-row ranks, spherical, SVD, masks).
+DEFAULT_LEVEL_SAMPLE = ("ties", "dare_ties", "della", "breadcrumbs", "slerp", "tsv_m",
+                        "iso_cts", "consensus")
+
+
+def test_bit_for_bit_sample_at_the_default_xla_level():
+    """conftest compiles the tests at LLVM -O0, where some results move by an ulp; users
+    compile at XLA's default. A sample of the sweep above, in a fresh process at the
+    default level."""
+    env = dict(os.environ, MERGEJAX_TEST_XLA_OPT="default")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if f.split("=")[0] != conftest.OPT_FLAG)
+    tests = [f"{__file__}::test_streaming_equals_in_memory_bit_for_bit[{m}]"
+             for m in DEFAULT_LEVEL_SAMPLE]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-o", "addopts=", *tests], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), check=False)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert f"{len(tests)} passed" in run.stdout
 
 
 def test_bf16_stays_bf16_and_matches(tmp_path):
