@@ -3,11 +3,11 @@ tests; XLA:CPU's LLVM back end at -O0; under pytest-xdist one worker for all of
 tests/suite_test.py.
 
 The tests' arrays are tiny and compiling is most of their time: -O0 takes a third off the
-default run (16m50 -> 11m10 of pytest on 2 cores). It moves some results by an ulp against
-XLA's default level; every bit-for-bit test compares two programs compiled at the same
-level, and `io_streaming_test` repeats a sample of its bit-for-bit sweep at the default
-level in a fresh process. ``MERGEJAX_TEST_XLA_OPT=default`` runs everything as users
-compile."""
+default run (12m47 -> 8m34 of pytest on 2 cores, one tree, one hour). It moves some results
+by an ulp against XLA's default level; every bit-for-bit test compares two programs
+compiled at the same level, and `io_streaming_test` repeats a sample of its bit-for-bit
+sweep at the default level in a fresh process. ``MERGEJAX_TEST_XLA_OPT=default`` runs
+everything as users compile."""
 
 import os
 
