@@ -77,10 +77,11 @@ def test_svd_and_polar(serial, shape, any_signs):
                                [[1, 0], [0, -1]], atol=1e-6)
 
 
-@pytest.mark.parametrize("solver", ["svd", "gram"])
+@pytest.mark.parametrize("solver,any_signs", [("svd", False), ("svd", True), ("gram", False)])
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
-def test_top_singular_matches_numpy(serial, solver, shape):
-    """Moderately conditioned matrices (the gram solver's documented regime)."""
+def test_top_singular_matches_numpy(serial, solver, any_signs, shape):
+    """Moderately conditioned matrices (the gram solver's documented regime); with
+    ``any_signs`` these long matrices take the QR-first path."""
     rng = np.random.default_rng(3)
     p, q = shape
     k = min(p, q)
@@ -89,13 +90,36 @@ def test_top_singular_matches_numpy(serial, solver, shape):
     sv = np.linspace(4.0, 1.0, k)
     a = (u0 * sv[None, None]) @ np.swapaxes(v0, -1, -2)
     u, s, v = (np.asarray(x, np.float64)
-               for x in matrices.top_singular(jnp.asarray(a, jnp.float32), 3, solver=solver))
+               for x in matrices.top_singular(jnp.asarray(a, jnp.float32), 3, solver=solver,
+                                              any_signs=any_signs))
     np.testing.assert_allclose(s, np.broadcast_to(sv[:3], (4, 3)), rtol=1e-4)
     rank3 = (u0[..., :3] * sv[:3]) @ np.swapaxes(v0[..., :3], -1, -2)
     np.testing.assert_allclose((u * s[..., None, :]) @ np.swapaxes(v, -1, -2), rank3,
                                atol=1e-4)
     np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, np.broadcast_to(np.eye(3), (4, 3, 3)),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+def test_top_singular_of_rank_deficient_long_matrices(serial, shape):
+    """Below ``s_r = RECOVERY_MIN_RATIO s_1`` the long side's vectors cannot be recovered as
+    ``m V / S``: a matrix of rank 2 < r = 3 and a zero matrix still get orthonormal U and V
+    and the top-3 truncation."""
+    rng = np.random.default_rng(5)
+    p, q = shape
+    rank2 = rng.standard_normal((p, 2)) @ rng.standard_normal((2, q))
+    well = rng.standard_normal((p, q))
+    for batch in (np.stack([well, rank2]), np.stack([well, np.zeros((p, q))])):
+        u, s, v = (np.asarray(x, np.float64) for x in matrices.top_singular(
+            jnp.asarray(batch, jnp.float32), 3, any_signs=True))
+        for side in (u, v):
+            assert np.isfinite(side).all()
+            np.testing.assert_allclose(np.swapaxes(side, -1, -2) @ side,
+                                       np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-5)
+        nu, ns, nvt = np.linalg.svd(batch, full_matrices=False)
+        np.testing.assert_allclose(s, ns[:, :3], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose((u * s[..., None, :]) @ np.swapaxes(v, -1, -2),
+                                   (nu[..., :3] * ns[:, None, :3]) @ nvt[:, :3], atol=1e-5)
 
 
 def test_top_singular_errors():

@@ -30,6 +30,7 @@ into batched calls.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ from mergejax.tree import MergeError
 
 __all__ = [
     "LAPACK_BATCHED",
+    "QR_FIRST_RATIO",
+    "RECOVERY_MIN_RATIO",
     "SERIAL_LAPACK",
     "as_matrix",
     "batch_key",
@@ -201,16 +204,20 @@ def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = Fal
     ``m (.., p, q)``, descending.
 
     ``solver="svd"`` truncates LAPACK's thin SVD (exact, as FusionBench's
-    ``torch.linalg.svd``). ``solver="gram"`` diagonalises the Gram matrix of the smaller
-    side (``eigh``, about 2x cheaper than the SVD on CPU) and recovers the other side by
-    one product: the kept triplets are accurate to float32 tolerance when
-    ``sigma_1 / sigma_r`` is moderate (relative error ~ eps * (sigma_1 / sigma_i)^2), which
-    holds for the top fraction of a task matrix's spectrum. ``any_signs`` as in `svd`.
+    ``torch.linalg.svd``); with ``any_signs`` a long matrix takes `_top_singular_via_r`,
+    the same decomposition without forming the unneeded columns (~1.5x faster).
+    ``solver="gram"`` diagonalises the Gram matrix of the smaller side (``eigh``, about 2x
+    cheaper than the SVD on CPU) and recovers the other side by one product: the kept
+    triplets are accurate to float32 tolerance when ``sigma_1 / sigma_r`` is moderate
+    (relative error ~ eps * (sigma_1 / sigma_i)^2), which holds for the top fraction of a
+    task matrix's spectrum. ``any_signs`` as in `svd`.
     """
     p, q = m.shape[-2:]
     if not 0 < r <= min(p, q):
         raise MergeError(f"rank {r} is outside [1, {min(p, q)}] for a {p}x{q} matrix")
     if solver == "svd":
+        if any_signs and max(p, q) >= QR_FIRST_RATIO * min(p, q):
+            return per_matrix(functools.partial(_top_singular_via_r, r=r), m)
         u, s, v = svd(m, any_signs=any_signs)
         return u[..., :r], s[..., :r], v[..., :r]
     if solver != "gram":
@@ -222,6 +229,42 @@ def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = Fal
     s = jnp.sqrt(jnp.maximum(w, 0.0))
     far = (other @ vecs) / jnp.where(s > 0, s, 1.0)[..., None, :]
     return (far, s, vecs) if p >= q else (vecs, s, far)
+
+
+#: `top_singular` takes `_top_singular_via_r` for matrices at least this many times longer
+#: than wide (measured here, 8 matrices: (1536, 768) 0.170 -> 0.124 s, (3072, 768) 0.241 ->
+#: 0.146 s; (1152, 768) 0.122 -> 0.113 s).
+QR_FIRST_RATIO = 1.5
+#: `_top_singular_via_r` falls back to the thin SVD when ``s_r < RECOVERY_MIN_RATIO * s_1``.
+RECOVERY_MIN_RATIO = 1e-2
+
+
+def _top_singular_via_r(m: Array, r: int) -> tuple[Array, Array, Array]:
+    """`top_singular` of matrices with ``max(p, q) >= QR_FIRST_RATIO min(p, q)`` (batched).
+
+    As LAPACK's gesdd does for a long matrix, S and V come from the SVD of the small
+    triangular factor R of ``m = Q R`` (Householder QR, backward stable); but U's ``r``
+    columns are recovered as ``m V_r / S_r`` instead of forming Q and the product ``Q U_R``.
+    Those columns lose orthogonality as ``eps * s_1 / s_i`` (measured in float32: 6e-6 at
+    ``s_r = s_1 / 100``, 6e-4 at ``s_1 / 10^4``; gesdd's ~1e-6), so if any matrix's ``s_r``
+    is not above `RECOVERY_MIN_RATIO` ``* s_1`` (rank below ``r``, a zero task matrix, a
+    steep spectrum) the thin SVD runs instead, by `jax.lax.cond` (under `jax.vmap` both
+    branches run). Signs pair U with V, not as LAPACK's on ``m`` (``any_signs``)."""
+    wide = m.shape[-2] < m.shape[-1]
+    tall = jnp.swapaxes(m, -1, -2) if wide else m
+    _, s, vt = jnp.linalg.svd(jnp.linalg.qr(tall, mode="r"))
+    s, v = s[..., :r], jnp.swapaxes(vt[..., :r, :], -1, -2)
+
+    def recovered():
+        return tall @ v / s[..., None, :], s, v
+
+    def thin():
+        u_all, s_all, v_all = _svd(tall)
+        return u_all[..., :r], s_all[..., :r], v_all[..., :r]
+
+    well_conditioned = jnp.all(s[..., -1] > RECOVERY_MIN_RATIO * s[..., 0])
+    u, s, v = jax.lax.cond(well_conditioned, recovered, thin)
+    return (v, s, u) if wide else (u, s, v)
 
 
 def polar(m: Array) -> Array:
