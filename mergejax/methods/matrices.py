@@ -235,7 +235,7 @@ def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = Fal
 #: than wide (measured here, 8 matrices: (1536, 768) 0.170 -> 0.124 s, (3072, 768) 0.241 ->
 #: 0.146 s; (1152, 768) 0.122 -> 0.113 s).
 QR_FIRST_RATIO = 1.5
-#: `_top_singular_via_r` falls back to the thin SVD when ``s_r < RECOVERY_MIN_RATIO * s_1``.
+#: `_top_singular_via_r` falls back to the thin SVD unless ``s_r > RECOVERY_MIN_RATIO * s_1``.
 RECOVERY_MIN_RATIO = 1e-2
 
 
@@ -248,8 +248,9 @@ def _top_singular_via_r(m: Array, r: int) -> tuple[Array, Array, Array]:
     Those columns lose orthogonality as ``eps * s_1 / s_i`` (measured in float32: 6e-6 at
     ``s_r = s_1 / 100``, 6e-4 at ``s_1 / 10^4``; gesdd's ~1e-6), so if any matrix's ``s_r``
     is not above `RECOVERY_MIN_RATIO` ``* s_1`` (rank below ``r``, a zero task matrix, a
-    steep spectrum) the thin SVD runs instead, by `jax.lax.cond` (under `jax.vmap` both
-    branches run). Signs pair U with V, not as LAPACK's on ``m`` (``any_signs``)."""
+    steep spectrum) the thin SVD runs instead, by `jax.lax.cond`, after the QR and the
+    small SVD (under `jax.vmap` both branches run). Signs pair U with V, not as LAPACK's
+    on ``m`` (``any_signs``)."""
     wide = m.shape[-2] < m.shape[-1]
     tall = jnp.swapaxes(m, -1, -2) if wide else m
     _, s, vt = jnp.linalg.svd(jnp.linalg.qr(tall, mode="r"))
