@@ -164,11 +164,17 @@ def _svd(m: Array) -> tuple[Array, Array, Array]:
     return u, s, jnp.swapaxes(vt, -1, -2)
 
 
-def _svd_via_tall(m: Array) -> tuple[Array, Array, Array]:
+def _on_tall(fn: Callable[[Array], tuple[Array, Array, Array]], m: Array
+             ) -> tuple[Array, Array, Array]:
+    """``fn``'s ``(U, S, V)`` of the tall orientation of ``m``, given back for ``m``."""
     if m.shape[-2] < m.shape[-1]:
-        v, s, u = _svd(jnp.swapaxes(m, -1, -2))
+        v, s, u = fn(jnp.swapaxes(m, -1, -2))
         return u, s, v
-    return _svd(m)
+    return fn(m)
+
+
+def _svd_via_tall(m: Array) -> tuple[Array, Array, Array]:
+    return _on_tall(_svd, m)
 
 
 def svd(m: Array, *, any_signs: bool = False) -> tuple[Array, Array, Array]:
@@ -205,7 +211,8 @@ def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = Fal
 
     ``solver="svd"`` truncates LAPACK's thin SVD (exact, as FusionBench's
     ``torch.linalg.svd``); with ``any_signs`` a long matrix takes `_top_singular_via_r`,
-    the same decomposition without forming the unneeded columns (~1.5x faster).
+    the same decomposition (of its tall orientation) without forming the unneeded columns
+    (~1.5x faster).
     ``solver="gram"`` diagonalises the Gram matrix of the smaller side (``eigh``, about 2x
     cheaper than the SVD on CPU) and recovers the other side by one product: the kept
     triplets are accurate to float32 tolerance when ``sigma_1 / sigma_r`` is moderate
@@ -217,7 +224,8 @@ def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = Fal
         raise MergeError(f"rank {r} is outside [1, {min(p, q)}] for a {p}x{q} matrix")
     if solver == "svd":
         if any_signs and max(p, q) >= QR_FIRST_RATIO * min(p, q):
-            return per_matrix(functools.partial(_top_singular_via_r, r=r), m)
+            return per_matrix(functools.partial(_on_tall, functools.partial(
+                _top_singular_via_r, r=r)), m)
         u, s, v = svd(m, any_signs=any_signs)
         return u[..., :r], s[..., :r], v[..., :r]
     if solver != "gram":
@@ -239,20 +247,18 @@ QR_FIRST_RATIO = 1.5
 RECOVERY_MIN_RATIO = 1e-2
 
 
-def _top_singular_via_r(m: Array, r: int) -> tuple[Array, Array, Array]:
-    """`top_singular` of matrices with ``max(p, q) >= QR_FIRST_RATIO min(p, q)`` (batched).
+def _top_singular_via_r(tall: Array, r: int) -> tuple[Array, Array, Array]:
+    """`top_singular` of tall matrices with ``p >= QR_FIRST_RATIO q`` (batched).
 
     As LAPACK's gesdd does for a long matrix, S and V come from the SVD of the small
-    triangular factor R of ``m = Q R`` (Householder QR, backward stable); but U's ``r``
-    columns are recovered as ``m V_r / S_r`` instead of forming Q and the product ``Q U_R``.
+    triangular factor R of ``tall = Q R`` (Householder QR, backward stable); but U's ``r``
+    columns are recovered as ``tall V_r / S_r`` instead of forming Q and the product ``Q U_R``.
     Those columns lose orthogonality as ``eps * s_1 / s_i`` (measured in float32: 6e-6 at
     ``s_r = s_1 / 100``, 6e-4 at ``s_1 / 10^4``; gesdd's ~1e-6), so if any matrix's ``s_r``
     is not above `RECOVERY_MIN_RATIO` ``* s_1`` (rank below ``r``, a zero task matrix, a
     steep spectrum) the thin SVD runs instead, by `jax.lax.cond`, after the QR and the
     small SVD (under `jax.vmap` both branches run). Signs pair U with V, not as LAPACK's
-    on ``m`` (``any_signs``)."""
-    wide = m.shape[-2] < m.shape[-1]
-    tall = jnp.swapaxes(m, -1, -2) if wide else m
+    on the matrix (``any_signs``)."""
     _, s, vt = jnp.linalg.svd(jnp.linalg.qr(tall, mode="r"))
     s, v = s[..., :r], jnp.swapaxes(vt[..., :r, :], -1, -2)
 
@@ -264,8 +270,7 @@ def _top_singular_via_r(m: Array, r: int) -> tuple[Array, Array, Array]:
         return u_all[..., :r], s_all[..., :r], v_all[..., :r]
 
     well_conditioned = jnp.all(s[..., -1] > RECOVERY_MIN_RATIO * s[..., 0])
-    u, s, v = jax.lax.cond(well_conditioned, recovered, thin)
-    return (v, s, u) if wide else (u, s, v)
+    return jax.lax.cond(well_conditioned, recovered, thin)
 
 
 def polar(m: Array) -> Array:
