@@ -56,7 +56,7 @@ from mergejax import registry
 from mergejax import rules as rules_lib
 from mergejax.learned import search
 from mergejax.methods import matrices
-from mergejax.tree import MergeError, PyTree, is_float, path_str
+from mergejax.tree import MergeError, PyTree, full_precision, is_float, path_str
 
 __all__ = [
     "LoraFactors",
@@ -376,6 +376,7 @@ def _to_layout(m: Array, layout: str) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
+@full_precision
 def _deltas(leaves: list[Any], *, layout: str) -> list[Array]:
     return [_to_layout(_delta(x), layout).astype(jnp.result_type(x.a)) if _is_factors(x)
             else x for x in leaves]
@@ -407,6 +408,7 @@ def _refactor(m: Array, rank: int, split: str, clamp: float | None) -> tuple[Arr
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "split", "clamp"))
+@full_precision
 def _refactor_all(dense: list[Array], *, ranks: tuple[int | None, ...], split: str,
                   clamp: float | None) -> list[Any]:
     out = []
@@ -535,6 +537,7 @@ def _dense_column(column: list[Any], weights: Array) -> Any:
 
 
 @jax.jit
+@full_precision
 def _concat_all(columns: list[list[Any]], weights: Array) -> list[Any]:
     out = []
     for column in columns:
@@ -570,6 +573,7 @@ def lora_concat(adapters: Sequence[PyTree], weights: Any = None) -> PyTree:
 
 
 @functools.partial(jax.jit, static_argnames=("ranks", "split", "clamp"))
+@full_precision
 def _svd_all(columns: list[list[Any]], weights: Array, *, ranks: tuple[int | None, ...],
              split: str, clamp: float | None) -> list[Any]:
     dense = []
@@ -614,6 +618,7 @@ def lora_svd(adapters: Sequence[PyTree], weights: Any = None, rank: Any = "max",
 
 
 @jax.jit
+@full_precision
 def _combine_all(columns: list[list[Any]], weights: Array) -> list[Any]:
     out = []
     for column in columns:

@@ -50,6 +50,7 @@ from mergejax.tree import (
     PyTree,
     check_compatible,
     flatten_with_paths,
+    full_precision,
     is_float,
 )
 
@@ -1111,6 +1112,14 @@ def _batched_kernels(method: MergeMethod, plan, out_dtypes, inputs, keys, stats,
     return outs
 
 
+def _at_full_precision(statistics_pass: Any) -> Any:
+    """A statistics pass (as `leafwise` takes them) whose functions run `full_precision`."""
+    if not isinstance(statistics_pass, StatisticsPass):
+        return full_precision(statistics_pass)
+    return statistics_pass._replace(update=full_precision(statistics_pass.update),
+                                    finalize=full_precision(statistics_pass.finalize))
+
+
 def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] = (),
              per_model: Sequence[str] = (), needs_base: bool = True,
              uses_key: bool | str = False,
@@ -1128,6 +1137,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
     ``base`` is the leaf of the base model (None when the method runs without one),
     ``models`` a tuple of the K models' leaves, all upcast to float32 or wider;
     per-model hyperparameters arrive as arrays of shape (K,). It returns the merged leaf.
+    Kernels and statistics passes are traced under `full_precision` (float32 matmuls
+    at full precision on GPUs too, as in PyTorch).
 
     ``statistics`` is a sequence of passes over all leaves, for model-wide quantities
     (norms, a global top-k threshold). A pass is a `StatisticsPass` (a fold over the
@@ -1166,10 +1177,11 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
         hparams = {p.name: p.default for p in sig.parameters.values()
                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
         method = MergeMethod(
-            name=name, kernel=kernel, hparams=hparams,
+            name=name, kernel=full_precision(kernel), hparams=hparams,
             coefficients=frozenset(coefficients), per_model=frozenset(per_model),
             family=family, paper=paper, needs_base=needs_base, uses_key=uses_key,
-            min_models=min_models, max_models=max_models, statistics=tuple(statistics),
+            min_models=min_models, max_models=max_models,
+            statistics=tuple(_at_full_precision(p) for p in statistics),
             validate=validate, batched=batched, reshape_invariant=reshape_invariant,
             runs_per_leaf=runs_per_leaf)
         object.__setattr__(method, "__doc__", kernel.__doc__)

@@ -1,6 +1,6 @@
 """Test set-up (XLA flags set before jax loads): 8 simulated CPU devices for the sharding
-tests; XLA:CPU's LLVM back end at -O0; under pytest-xdist one worker for all of
-tests/suite_test.py.
+tests; XLA:CPU's LLVM back end at -O0; float32 matmuls at full precision; under
+pytest-xdist one worker for all of tests/suite_test.py.
 
 The tests' arrays are tiny and compiling is most of their time: -O0 takes a third off the
 default run (12m47 -> 8m34 of pytest on 2 cores, one tree, one hour). It moves some results
@@ -25,6 +25,10 @@ _flags = _with_flag(os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_
 if os.environ.get("MERGEJAX_TEST_XLA_OPT") != "default":
     _flags = _with_flag(_flags, f"{OPT_FLAG}=0")
 os.environ["XLA_FLAGS"] = _flags.strip()
+# Float32 matmuls at full precision (XLA:GPU's default is TF32), so that the NumPy
+# references hold on GPUs too for the models the tests run; merges pin it themselves
+# (`mergejax.tree.full_precision`), which tests/engine_test.py checks.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 try:
     from xdist.scheduler import LoadScopeScheduling

@@ -55,6 +55,7 @@ from mergejax.tree import (
     PyTree,
     check_compatible,
     flatten_with_paths,
+    full_precision,
     is_float,
     unjitted,
 )
@@ -446,6 +447,7 @@ class ExclusiveKnowledge(NamedTuple):
     left: PyTree
     right: PyTree
 
+    @full_precision
     def mix(self, shared: PyTree, weights: Array) -> PyTree:
         """``theta_shared + sum_k weights[k] * exclusive_k`` (weights (K,)), in the shared
         model's dtypes; non-floating leaves are the shared model's.
@@ -465,6 +467,7 @@ class ExclusiveKnowledge(NamedTuple):
 
         return jax.tree.map(leaf, self.left, shared, self.right, is_leaf=lambda x: x is None)
 
+    @full_precision
     def dense(self, shared: PyTree, task: int) -> PyTree:
         """Task ``task``'s decompressed exclusive vector (float32, the shared model's
         structure; zeros on non-floating leaves).

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from mergejax.tree import MergeError
+from mergejax.tree import MergeError, full_precision
 
 __all__ = [
     "LAPACK_BATCHED",
@@ -204,6 +204,7 @@ def inv(m: Array) -> Array:
     return per_matrix(jnp.linalg.inv, m)
 
 
+@full_precision
 def top_singular(m: Array, r: int, *, solver: str = "svd", any_signs: bool = False
                  ) -> tuple[Array, Array, Array]:
     """The ``r`` largest singular triplets ``(U (.., p, r), S (.., r), V (.., q, r))`` of
@@ -273,6 +274,7 @@ def _top_singular_via_r(tall: Array, r: int) -> tuple[Array, Array, Array]:
     return jax.lax.cond(well_conditioned, recovered, thin)
 
 
+@full_precision
 def polar(m: Array) -> Array:
     """The orthogonal polar factor ``U V^T`` of ``m = U S V^T`` (batched)."""
     u, _, v = svd(m, any_signs=True)

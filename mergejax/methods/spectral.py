@@ -49,6 +49,7 @@ from mergejax.tree import (
     PyTree,
     check_compatible,
     flatten_with_paths,
+    full_precision,
     is_float,
 )
 
@@ -290,6 +291,7 @@ class TaskSingularVectors:
 
 
 @jax.jit
+@full_precision
 def _tsv_task_model(base, u, s, v, vectors, t):
     def leaf(b, u, s, v, vec):
         if u is not None:
@@ -303,6 +305,7 @@ def _tsv_task_model(base, u, s, v, vectors, t):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
+@full_precision
 def _compress(plan, solver, base_leaves, model_leaves):
     """Per floating leaf ``(u, s, v, None)`` (matrix) or ``(None, None, None, taus)``."""
     out = []

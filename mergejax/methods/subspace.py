@@ -36,6 +36,7 @@ from mergejax.tree import (
     PyTree,
     check_compatible,
     flatten_with_paths,
+    full_precision,
     is_float,
 )
 
@@ -215,6 +216,7 @@ def _check_ho_gsvd(paths: list[str], statics: list[dict]) -> None:
 _ISO_TOL = 1e-4  # relative window below tau_max of the isolated HO-GSVD subspace
 
 
+@full_precision
 def ho_gsvd_factors(d: Array, pi: float = 1e-3, ridge: float = 1e-6
                     ) -> tuple[Array, Array, Array]:
     """The HO-GSVD ``D_k = B_k V^T`` of ``d (K, p, n)``: returns ``B (K, p, n)``, the
@@ -340,6 +342,7 @@ def _check_opcm(paths: list[str], statics: list[dict]) -> None:
                          "norms, so scope must be the same for every leaf")
 
 
+@full_precision
 def opcm_project(total: Array, tau: Array, alpha: Array | float) -> Array:
     """``tau`` without its components on the leading singular directions of ``total``
     (both ``(p, q)`` matrices), as FusionBench's ``OPCMForCLIP.merge_linear_weights``.
@@ -482,6 +485,7 @@ def opcm_init(base: PyTree) -> OPCMState:
 
 
 @functools.partial(jax.jit, static_argnames=("scope", "splits"))
+@full_precision
 def _opcm_step(state: OPCMState, model: PyTree, alpha: Array, *, scope: str,
                splits: tuple[int | None, ...]) -> tuple[OPCMState, PyTree]:
     base_leaves, treedef = jax.tree.flatten(state.base)
