@@ -23,7 +23,7 @@ import mergejax
 from mergejax import MergeError, PathRules
 from mergejax import method as method_lib
 from mergejax.method import LeafContext
-from mergejax.methods import stages, subspace
+from mergejax.methods import matrices, stages, subspace
 
 SHAPES = {"dense/kernel": (6, 10), "dense/bias": (10,), "conv/kernel": (3, 2, 4),
           "attn/query/kernel": (6, 2, 3)}
@@ -102,6 +102,8 @@ def ref_knots(base: dict, taus: list[dict], *, scale: float, merge: str = "ties"
         ds = [torch_mat(t) for t in ts]
         n_out, n_in = ds[0].shape
         u, s, vh = np.linalg.svd(np.concatenate(ds, axis=1), full_matrices=False)
+        flip = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+        u, vh = u * flip, vh * flip[:, None]  # svd_flip: each column's largest |u| > 0
         keep = s > 1e-5
         u, s, vh = u[:, keep], s[keep], vh[keep]
         blocks = [np.diag(s) @ vh[:, k * n_in:(k + 1) * n_in] for k in range(len(ds))]
@@ -550,3 +552,26 @@ def test_bad_streaming_input_is_rejected():
     with pytest.raises(MergeError, match=r"matrix_split at 'attn/query/kernel' must be 'auto', "
                                          r"None or an int in \[1, 2\]"):
         subspace.opcm_update(state, models[0], matrix_split=5)
+
+
+def test_knots_does_not_depend_on_the_svd_sign_convention(monkeypatch):
+    """A count election's zero sum elects +1, so a component whose signs flip (LAPACK's and
+    cuSolver's conventions differ: on an H100 this case moved entries by up to 0.96)
+    would change the result; knots fixes each component's signs first."""
+    case = KNOTS_CASES[1]  # elect="count": ties where two kept entries disagree
+    with x64():
+        base, models = setup(3, 3, jnp.float64)
+        want = mergejax.merge("knots", base, models, scale=0.7, **case)
+        svd = matrices.svd
+
+        def flipped(m, **kwargs):
+            u, s, v = svd(m, **kwargs)
+            signs = jnp.where(jnp.arange(s.shape[-1]) % 2 == 0, -1.0, 1.0).astype(u.dtype)
+            return u * signs, s, v * signs
+
+        monkeypatch.setattr(matrices, "svd", flipped)
+        jax.clear_caches()  # retrace with the flipping SVD
+        got = mergejax.merge("knots", base, models, scale=0.7, **case)
+    for path, leaf in walk(want):
+        np.testing.assert_array_equal(np.asarray(dict(walk(got))[path]), np.asarray(leaf),
+                                      err_msg=path)

@@ -160,7 +160,10 @@ def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
     Differences from the official code (``gstoica27/KnOTS``, ``task_merger.py``): the code
     ranks magnitudes over all layers' blocks together (one top-k per task for the whole
     model); here per leaf. It takes the SVD in float64; here in the compute dtype (float32
-    unless float64 inputs with x64). A zero sum elects +1 (the code: the majority sign).
+    unless float64 inputs with x64). A zero sum elects +1 (the code: the majority sign),
+    so flipping a component's signs could change the result: each component's signs are
+    fixed (its largest ``|U|`` entry positive, scikit-learn's ``svd_flip``), so that it
+    does not depend on the SVD routine's sign convention (LAPACK's and cuSolver's differ).
     Leaves that are not matrices (biases, norms, convolutions) get the same ``merge`` on
     their raw task vectors, top-k per leaf: the code's ``merge_other_params=True``
     (by default it leaves them at the base; with LoRA updates they are zero anyway). LoRA
@@ -187,6 +190,7 @@ def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
                          f"of {k} {n_out}x{n_in} task matrices at '{ctx.path}'")
     joint = jnp.swapaxes(d, 0, 1).reshape(n_out, k * n_in)  # [D_1 ... D_K]
     u, s, v = matrices.svd(joint)  # (out, r), (r,), (K*in, r)
+    u, v = _canonical_signs(u, v)
     keep = s > rank_tol
     if rank is not None:
         keep = keep & (jnp.arange(r) < rank)
@@ -199,6 +203,14 @@ def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
         rank_ = jnp.asarray(table)[jnp.sum(keep)]
     merged = u @ _consensus(ctx, blocks, rank_, **hp)
     return base + scale * _to_leaf(merged, kernel_layout, base.shape)
+
+
+def _canonical_signs(u: Array, v: Array) -> tuple[Array, Array]:
+    """``(u, v)`` with each column pair's sign flipped where needed so that the entry of
+    largest magnitude in ``u``'s column is positive (scikit-learn's ``svd_flip``)."""
+    top = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)
+    flip = jnp.where(top < 0, -1.0, 1.0).astype(u.dtype)
+    return u * flip, v * flip
 
 
 # ---------------------------------------------------------------------------------------
