@@ -224,8 +224,8 @@ def test_per_leaf_is_chosen_for_large_concrete_inputs_only(monkeypatch):
     assert len(calls) == 1  # traced: one program
     mergejax.knots(BASE, MODELS)
     assert len(calls) == 1  # declared runs_per_leaf=False: LAPACK-bound, one program
-    mergejax.tsv_m(BASE, MODELS)
-    assert len(calls) == 2  # measured faster per leaf
+    mergejax.ties(BASE, MODELS)
+    assert len(calls) == 2  # neither batched nor declared one program
 
 
 def test_per_leaf_inside_jit_and_grad_matches_the_whole_program():

@@ -264,7 +264,7 @@ def test_load_is_a_private_aligned_copy_that_jax_uses_in_place(tmp_path):
             assert got.flags.writeable and not np.shares_memory(got, ckpt.read(path))
             assert not got.size or got.ctypes.data % DEVICE_ALIGNMENT == 0, name
         x = ckpt.load("model/layers/1/mlp/weight")
-        on_device = jax.device_put(x, may_alias=True)
+        on_device = jax.device_put(x, jax.devices("cpu")[0], may_alias=True)
         assert on_device.unsafe_buffer_pointer() == x.ctypes.data  # no copy on CPU
         assert _same(on_device, flat["model.layers.1.mlp.weight"])
 
