@@ -9,8 +9,9 @@ import pytest
 from _helpers import make_tree, walk
 
 import mergejax
-from mergejax import MergeError
+from mergejax import MergeError, lora
 from mergejax import method as method_lib
+from mergejax.learned import routing
 from mergejax.methods import matrices, subspace
 
 BASIC = ["greedy_soup", "karcher", "linear", "metagpt", "model_stock", "multislerp",
@@ -363,9 +364,10 @@ def test_nested_speculation_restores_the_outer_list():
     assert (len(outer), len(inner)) == (2, 1)
 
 
-def _dot_precisions(text: str) -> list[str]:
-    """The precision of every matmul in a jaxpr's or StableHLO's text."""
-    return re.findall(r"precision ?= ?[\[(]([^\])]*)", text)
+def _assert_matmuls_at_highest(text: str) -> None:
+    """Every matmul in a jaxpr's or StableHLO's text runs at HIGHEST precision."""
+    precisions = re.findall(r"precision ?= ?[\[(]([^\])]*)", text)
+    assert precisions and all(p.count("HIGHEST") == 2 for p in precisions), precisions
 
 
 @pytest.mark.parametrize("name", ["tsv_m", "iso_c", "knots", "ho_gsvd"])
@@ -374,19 +376,13 @@ def test_merge_matmuls_run_at_full_precision_whatever_the_default(name):
     result came out wrong in every entry); PyTorch, and so mergekit and FusionBench, does
     not. Every kernel traces its matmuls at HIGHEST, whatever the caller's default."""
     with jax.default_matmul_precision("bfloat16"):
-        text = jax.jit(lambda b, ms: mergejax.merge(name, b, ms)).lower(
-            BASE, MODELS).as_text()
-    precisions = _dot_precisions(text)
-    assert precisions and all(p.count("HIGHEST") == 2 for p in precisions), precisions
+        _assert_matmuls_at_highest(jax.jit(lambda b, ms: mergejax.merge(name, b, ms)).lower(
+            BASE, MODELS).as_text())
 
 
-def test_lora_svd_runs_its_matmuls_at_full_precision():
-    from mergejax import lora
-    adapter = {"dense": {"kernel": lora.LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 5)), 2.0)}}
-    with jax.default_matmul_precision("bfloat16"):
-        text = str(jax.make_jaxpr(lambda a: lora.lora_svd([a, a], rank=2))(adapter))
-    precisions = _dot_precisions(text)
-    assert precisions and all(p.count("HIGHEST") == 2 for p in precisions), precisions
+_TALL = [{"w": jnp.asarray(np.random.default_rng(i).normal(size=(12, 4)), jnp.float32)}
+         for i in range(3)]
+_ADAPTER = {"dense": {"kernel": lora.LoraFactors(jnp.ones((4, 2)), jnp.ones((2, 5)), 2.0)}}
 
 
 @pytest.mark.parametrize("fn", [
@@ -395,21 +391,16 @@ def test_lora_svd_runs_its_matmuls_at_full_precision():
     matrices.polar,
     lambda m: subspace.opcm_project(m, 2.0 * m, 0.5),
     lambda m: subspace.ho_gsvd_factors(jnp.stack([m, 2.0 * m + 1.0])),
-], ids=["top_singular_gram", "top_singular_tall", "polar", "opcm_project", "ho_gsvd_factors"])
-def test_public_linear_algebra_runs_its_matmuls_at_full_precision(fn):
+    lambda m: mergejax.tsv_c({"w": m}, [{"w": 2.0 * m}, {"w": m + 1.0}]).task_model(0),
+    lambda m: mergejax.opcm_update(mergejax.opcm_init({"w": m}), {"w": 2.0 * m})[0],
+    lambda m: lora.lora_svd([_ADAPTER, _ADAPTER], rank=2),
+    lambda m: routing.exclusive_knowledge(_TALL[0], _TALL[1:], rank=2).mix(
+        _TALL[0], jnp.ones(2)),
+    lambda m: routing.exclusive_knowledge(_TALL[0], _TALL[1:], rank=2).dense(_TALL[0], 1),
+], ids=["top_singular_gram", "top_singular_tall", "polar", "opcm_project",
+        "ho_gsvd_factors", "tsv_c_task_model", "opcm_update", "lora_svd", "twin_mix",
+        "twin_dense"])
+def test_merge_helpers_run_their_matmuls_at_full_precision(fn):
     m = jnp.asarray(np.random.default_rng(0).normal(size=(12, 4)), jnp.float32)
     with jax.default_matmul_precision("bfloat16"):
-        precisions = _dot_precisions(str(jax.make_jaxpr(fn)(m)))
-    assert precisions and all(p.count("HIGHEST") == 2 for p in precisions), precisions
-
-
-def test_twin_merging_mixes_its_exclusive_knowledge_at_full_precision():
-    from mergejax.learned import routing
-    tall = [{"w": jnp.asarray(np.random.default_rng(i).normal(size=(12, 4)), jnp.float32)}
-            for i in range(3)]
-    ex = routing.exclusive_knowledge(tall[0], tall[1:], rank=2)
-    with jax.default_matmul_precision("bfloat16"):
-        for text in (str(jax.make_jaxpr(lambda w: ex.mix(tall[0], w))(jnp.ones(2))),
-                     str(jax.make_jaxpr(lambda s: ex.dense(s, 1))(tall[0]))):
-            precisions = _dot_precisions(text)
-            assert precisions and all(p.count("HIGHEST") == 2 for p in precisions), precisions
+        _assert_matmuls_at_highest(str(jax.make_jaxpr(fn)(m)))

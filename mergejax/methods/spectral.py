@@ -305,7 +305,6 @@ def _tsv_task_model(base, u, s, v, vectors, t):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-@full_precision
 def _compress(plan, solver, base_leaves, model_leaves):
     """Per floating leaf ``(u, s, v, None)`` (matrix) or ``(None, None, None, taus)``."""
     out = []

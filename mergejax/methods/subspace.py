@@ -497,7 +497,6 @@ def opcm_init(base: PyTree) -> OPCMState:
 
 
 @functools.partial(jax.jit, static_argnames=("scope", "splits"))
-@full_precision
 def _opcm_step(state: OPCMState, model: PyTree, alpha: Array, *, scope: str,
                splits: tuple[int | None, ...]) -> tuple[OPCMState, PyTree]:
     base_leaves, treedef = jax.tree.flatten(state.base)
