@@ -185,7 +185,8 @@ def svd(m: Array, *, any_signs: bool = False) -> tuple[Array, Array, Array]:
     singular pairs (``U V^T``, projections, polar factors): a wide matrix is then
     decomposed through its tall transpose, where LAPACK's gesdd is ~20% faster ((768,
     3072): 0.44 -> 0.35 s), and its pairs' signs may differ from LAPACK's (NumPy's,
-    PyTorch's) on ``m`` itself, which methods that elect signs (KnOTS) must keep."""
+    PyTorch's) on ``m`` itself. (KnOTS, which elects signs, fixes each pair's signs
+    itself, so that no convention matters.)"""
     return per_matrix(_svd_via_tall if any_signs else _svd, m)
 
 

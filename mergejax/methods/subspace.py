@@ -189,7 +189,8 @@ def knots(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, scale=1.0
         raise MergeError(f"rank {rank} is larger than the {r} components of the joint SVD "
                          f"of {k} {n_out}x{n_in} task matrices at '{ctx.path}'")
     joint = jnp.swapaxes(d, 0, 1).reshape(n_out, k * n_in)  # [D_1 ... D_K]
-    u, s, v = matrices.svd(joint)  # (out, r), (r,), (K*in, r)
+    # Its signs are fixed below, so LAPACK's own on ``joint`` need not be kept.
+    u, s, v = matrices.svd(joint, any_signs=True)  # (out, r), (r,), (K*in, r)
     u, v = _canonical_signs(u, v)
     keep = s > rank_tol
     if rank is not None:
