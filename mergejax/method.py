@@ -55,9 +55,9 @@ from mergejax.tree import (
 )
 
 __all__ = ["PER_LEAF_MIN_SIZE", "REQUIRED", "LeafContext", "LeafKernels", "LeafPlan",
-           "MergeMethod", "StatisticsPass", "as_stored", "canonical_view", "fold_statistics",
-           "folds_leaf_by_leaf", "fused_reduce", "leaf_key", "leafwise", "speculate",
-           "speculation"]
+           "MergeMethod", "StatisticsPass", "TensorThresholds", "as_stored",
+           "canonical_view", "fold_statistics", "folds_leaf_by_leaf", "fused_reduce",
+           "leaf_key", "leafwise", "speculate", "speculation"]
 
 REQUIRED = registry.REQUIRED
 
@@ -74,6 +74,9 @@ class LeafContext(NamedTuple):
         ranks such as a global top-k).
       stored_dtype: the dtype the leaf's inputs are stored in, before the engine upcasts
         them for the kernel (None: as the kernel gets them); see `as_stored`.
+      thresholds: for a method with `TensorThresholds`, the ``(R, K)`` values it ranks
+        within the whole tensor, when a streaming merge selected them over fixed-size
+        chunks and runs the kernel chunk by chunk; None: the kernel selects them itself.
     """
 
     path: str
@@ -81,6 +84,27 @@ class LeafContext(NamedTuple):
     stats: tuple[Any, ...]
     total_size: int
     stored_dtype: Any = None
+    thresholds: jax.Array | None = None
+
+
+class TensorThresholds(NamedTuple):
+    """What a kernel ranks within its tensor, declared to `leafwise` by a kernel whose
+    only tensor-wide quantities are those ranked values and which is otherwise
+    elementwise (TIES or Breadcrumbs per tensor). A streaming merge then selects them over
+    fixed-size chunks (`mergejax.methods.stages.chunked_thresholds`) and runs the kernel
+    on each chunk with them in ``ctx.thresholds``: one compilation for every tensor size,
+    the same bits.
+
+    Attributes:
+      ranks: ``ranks(size)``, the 1-based ranks (largest first) wanted in a tensor of
+        ``size`` entries (`stages.select_thresholds`' ``ranks``).
+      values: ``values(stored_inputs)``, the K arrays ranked, elementwise in ``(base,
+        *models)`` as stored (it upcasts them as the engine does); a module-level
+        function (compiled passes are cached by it).
+    """
+
+    ranks: Callable[[int], tuple[int, ...]]
+    values: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]]
 
 
 def as_stored(ctx: LeafContext, arrays: Sequence[jax.Array]
@@ -425,6 +449,7 @@ class MergeMethod:
     batched: bool | Callable[..., Any] = False
     reshape_invariant: bool | Callable[[dict[str, Any]], bool] = False
     runs_per_leaf: bool = True
+    tensor_thresholds: Callable[[dict[str, Any]], TensorThresholds | None] | None = None
 
     def is_reshape_invariant(self, static_hparams: dict[str, Any]) -> bool:
         """Whether the kernel, with these static hyperparameters, gives every leaf's
@@ -987,18 +1012,18 @@ class _WatchedContext(LeafContext):
 @functools.partial(jax.jit, static_argnames=("method", "path", "static", "out_dtype",
                                              "total_size", "stats_static", "check_finite",
                                              "speculative"))
-def _merge_leaf(base, models, coefficients, key_parts, stats_arrays, *, method: MergeMethod,
-                path: str, static, out_dtype: str, total_size: int, stats_static,
-                check_finite: bool, speculative: bool):
+def _merge_leaf(base, models, coefficients, key_parts, stats_arrays, thresholds, *,
+                method: MergeMethod, path: str, static, out_dtype: str, total_size: int,
+                stats_static, check_finite: bool, speculative: bool):
     """One leaf's merge: the method's kernel on the upcast inputs, cast to ``out_dtype``,
     its ``max|out|`` when ``check_finite`` (as `_run_kernels` gives), and whether every
     `speculate` of a ``speculative`` kernel took its common branch (if not, the result is
-    to be computed again without speculation)."""
+    to be computed again without speculation). ``thresholds``: ``ctx.thresholds``."""
     path, base, xs, hp, stored = leaf_inputs(path, static, base, models, coefficients)
     stats, key = _join_stats(stats_arrays, stats_static), _leaf_key_of(key_parts)
     with speculation() if speculative else contextlib.nullcontext([]) as assumed:
-        out = method.kernel(_WatchedContext(path, key, stats, total_size, stored), base, xs,
-                            **hp)
+        out = method.kernel(_WatchedContext(path, key, stats, total_size, stored, thresholds),
+                            base, xs, **hp)
     out = out.astype(out_dtype)
     peak = (jnp.max(jnp.abs(out)).astype(jnp.float32) if out.size else jnp.float32(0)) \
         if check_finite else None
@@ -1034,20 +1059,24 @@ class LeafKernels:
         self._stats_arrays, self._stats_static = _split_stats(stats)
         self._exact: set[Any] = set()
 
-    def group(self, j: int, base: Any, models: Sequence[Any]) -> Any:
+    def group(self, j: int, base: Any, models: Sequence[Any], thresholds: Any = None
+              ) -> Any:
         """The compiled function plan leaf ``j`` shares with the other leaves of its
-        group (same input shapes and dtypes, static hyperparameters, output dtype)."""
+        group (same input shapes and dtypes, static hyperparameters, output dtype, and
+        whether the tensor's thresholds are given)."""
         return (tuple((x.shape, x.dtype) for x in (base, *models) if x is not None),
-                self._plan.static[j][1], self._plan.out_dtypes[j])
+                self._plan.static[j][1], self._plan.out_dtypes[j], thresholds is None)
 
-    def run(self, j: int, base: Any, models: Sequence[Any], key: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    def run(self, j: int, base: Any, models: Sequence[Any], key: jax.Array | None = None,
+            thresholds: Any = None) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """``(merged leaf, max|merged| or None, assumptions held)`` of plan leaf ``j``
         from its inputs (any view of them for a reshape-invariant kernel); ``key`` is the
-        user's key (the kernel gets the leaf's `leaf_key`)."""
-        group = self.group(j, base, models)
+        user's key (the kernel gets the leaf's `leaf_key`). With ``thresholds`` (the
+        method's `TensorThresholds` of the whole leaf), the inputs may be any chunk of
+        the leaf's flattened entries."""
+        group = self.group(j, base, models, thresholds)
         return self._call(j, group, base, models, key,
-                          self._speculative and group not in self._exact)
+                          self._speculative and group not in self._exact, thresholds)
 
     def run_exact(self, j: int, base: Any, models: Sequence[Any],
                   key: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -1056,14 +1085,15 @@ class LeafKernels:
         self._exact.add(group)
         return self._call(j, group, base, models, key, False)[:2]
 
-    def _call(self, j, group, base, models, key, speculative):
+    def _call(self, j, group, base, models, key, speculative, thresholds=None):
         path, static = self._plan.static[j]
         shares = (self._method, group, self._stats_static, self._total_size)
         shared = _SHARED_PATH.get(shares, _path_class(path))
         traces, reads = _WatchedContext.snapshot()
         result = _merge_leaf(
             base, tuple(models), {n: c[j] for n, c in self._plan.coefficients.items()},
-            _key_parts(key, self._plan.paths[j]), self._stats_arrays, method=self._method,
+            _key_parts(key, self._plan.paths[j]), self._stats_arrays, thresholds,
+            method=self._method,
             path=shared, static=static, out_dtype=self._plan.out_dtypes[j],
             total_size=self._total_size, stats_static=self._stats_static,
             check_finite=self._check_finite, speculative=speculative)
@@ -1129,6 +1159,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
              batched: bool | Callable[..., Any] = False,
              reshape_invariant: bool | Callable[[dict[str, Any]], bool] = False,
              runs_per_leaf: bool = True,
+             tensor_thresholds: Callable[[dict[str, Any]], TensorThresholds | None]
+             | None = None,
              register: bool = True) -> Callable[[Callable[..., jax.Array]], MergeMethod]:
     """Decorator: turns a leaf kernel into a `MergeMethod`, registered unless
     ``register=False`` (for a private method used only by its own code).
@@ -1170,6 +1202,8 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
     `leaf_workers` threads run leaves side by side instead; measure before declaring it
     (ViT-B/32 shapes, 8 models, 2 cores, one program -> per leaf: Iso-C 12.2 -> 9.3 s,
     TSV-M 92 -> 72 s, Iso-CTS 88 -> 77 s; WUDI's closed form 42 s either way).
+    ``tensor_thresholds(static_hparams)`` gives the leaf's `TensorThresholds` (or None)
+    for a kernel that reads ``ctx.thresholds`` when they are given.
     """
 
     def wrap(kernel: Callable[..., jax.Array]) -> MergeMethod:
@@ -1183,7 +1217,7 @@ def leafwise(name: str, *, family: str, paper: str, coefficients: Sequence[str] 
             min_models=min_models, max_models=max_models,
             statistics=tuple(_at_full_precision(p) for p in statistics),
             validate=validate, batched=batched, reshape_invariant=reshape_invariant,
-            runs_per_leaf=runs_per_leaf)
+            runs_per_leaf=runs_per_leaf, tensor_thresholds=tensor_thresholds)
         object.__setattr__(method, "__doc__", kernel.__doc__)
         params = [inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD),
                   inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD)]

@@ -336,10 +336,11 @@ def test_a_tensor_that_needs_the_rare_branch_is_merged_again_with_it(tmp_path):
 
 
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial):
-    """Per-tensor top-k over > 2**18 entries: the streaming kernel compiles the sampled
-    window only; a layout that misleads the sample needs the exact radix fallback, which
-    the merge then compiles, and both equal the in-memory merge."""
+def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial, monkeypatch):
+    """Per-tensor top-k over > 2**18 entries streams chunk by chunk: the sampled window,
+    and, for a layout that misleads the sample, the exact radix passes; never the
+    tensor's own selection. Both equal the in-memory merge."""
+    monkeypatch.setattr(stages, "CHUNK", 1 << 17)  # 5 chunks, the last one padded
     shape, n = (1024, 520), 1024 * 520
     stride = stages.sample_stride(n)
     rng = np.random.default_rng(3)
@@ -352,17 +353,47 @@ def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial):
         d = str(tmp_path / f"m{k}")
         st.save_safetensors({"w": (base + tau).astype(np.float32)}, d)
         dirs.append(d)
-    traced = []
-    original = stages.select_thresholds
-    method_lib._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
-
-    def counting(*args, **kwargs):
-        traced.append(1)
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stages, "select_thresholds", counting)
-        out = streamed("ties", dirs, density=0.2, scope="tensor", topk="mergekit")
-    assert len(traced) == (2 if adversarial else 1)  # speculative, then exact if needed
+    calls = {name: [] for name in ("select_thresholds", "_chunk_window", "_chunk_low")}
+    for name, log in calls.items():
+        original = getattr(stages, name)
+        monkeypatch.setattr(stages, name, lambda *a, _f=original, _log=log, **kw:
+                            _log.append(1) or _f(*a, **kw))
+    out = streamed("ties", dirs, density=0.2, scope="tensor", topk="mergekit")
+    monkeypatch.undo()
+    assert not calls["select_thresholds"]
+    assert len(calls["_chunk_window"]) == 5
+    assert len(calls["_chunk_low"]) == (5 if adversarial else 0)
     assert_bitwise_equal(out, in_memory("ties", dirs, density=0.2, scope="tensor",
                                         topk="mergekit"))
+
+
+@pytest.mark.parametrize("method,hparams,dtype", [
+    ("ties", {"scope": "tensor", "topk": "mergekit", "density": 0.3}, ml_dtypes.bfloat16),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.05}, np.float32),
+])
+def test_chunked_kernels_compile_once_for_every_size(tmp_path, monkeypatch, method,
+                                                     hparams, dtype):
+    """Tensors of two sizes over 2**18 entries (and a small one, merged by its own
+    kernel): one compiled window pass and one compiled chunk kernel serve them all, and the
+    merge equals the in-memory one bit for bit (bfloat16 through the refined window;
+    Breadcrumbs' two ranks)."""
+    monkeypatch.setattr(stages, "CHUNK", 1 << 16)
+    rng = np.random.default_rng(5)
+    shapes = {"a": (640, 503), "b": (1024, 300), "norm": (64,)}
+    values = {n: rng.normal(0, 1.0, s) for n, s in shapes.items()}
+    # bfloat16 fine-tunes an ulp or two away from the base: few distinct magnitudes, so
+    # the sampled window is a wide one in shifted bins, refined by a second pass.
+    step = 0.01 if dtype == ml_dtypes.bfloat16 else 0.3
+    dirs = []
+    for k in range(4):
+        d = str(tmp_path / f"m{k}")
+        st.save_safetensors({n: (v + (step * rng.normal(size=v.shape) if k else 0)).astype(dtype)
+                             for n, v in values.items()}, d)
+        dirs.append(d)
+    stages._chunk_window.clear_cache()  # pylint: disable=protected-access (counting compiles)
+    method_lib._merge_leaf.clear_cache()  # pylint: disable=protected-access
+    out = streamed(method, dirs, **hparams)
+    windows = 2 if dtype == ml_dtypes.bfloat16 else 1  # the refinement's narrower pass
+    assert stages._chunk_window._cache_size() == windows  # pylint: disable=protected-access
+    assert method_lib._merge_leaf._cache_size() == 2  # the chunks' kernel and the norm's
+    assert_bitwise_equal(out, in_memory(method, dirs, **hparams))

@@ -702,9 +702,76 @@ def _sampled_window(values, ranks, inputs=None):
                                 stages._high_bins, stages._BINS,  # noqa: SLF001
                                 stride=stages.sample_stride(n))
     max_shift = stages._window_max_shift(values if inputs is None else inputs)  # noqa: SLF001
-    window = stages.spread_window(sample, ranks, n, max_shift)
+    window = stages.spread_window(sample, stages.rank_fractions(ranks, n), max_shift)
     hist = stages._window_histograms(None, values, stages._identity, window)  # noqa: SLF001
     return bool(jnp.all(stages.window_thresholds(hist, window, ranks)[1])), window
+
+
+def _model_magnitudes(inputs):
+    """|base - x_k| in float32 from ``(base, *models)`` (module level: the chunked passes
+    are compiled once for it)."""
+    base, *models = inputs
+    return tuple(jnp.abs(base.astype(jnp.float32) - x.astype(jnp.float32)) for x in models)
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Counts the calls of ``stages.<name>``."""
+    calls, original = [], getattr(stages, name)
+    monkeypatch.setattr(stages, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def _negated_magnitudes(inputs):
+    """-|base - x_k|: the padding's zeros would rank first if they were counted."""
+    return tuple(-m for m in _model_magnitudes(inputs))
+
+
+@pytest.mark.parametrize("case", ["window", "refined", "radix", "missed", "negated",
+                                  "negated_radix"])
+def test_chunked_thresholds_match_sort(case, monkeypatch):
+    """`chunked_thresholds` over chunks of 2**16 entries (the last one padded): NumPy's
+    ranked values through each path: the float32 window, the bfloat16 window refined, the
+    radix passes of a tensor of up to 2**18 entries, and those of a missed window; the
+    padding is not counted (negated magnitudes rank its zeros first)."""
+    monkeypatch.setattr(stages, "CHUNK", 1 << 16)
+    rng = np.random.default_rng(7)
+    if case == "refined":
+        base, models = _ulp_deltas(0, k=2, shape=(1021, 517))
+        inputs = [base.reshape(-1)] + [x.reshape(-1) for x in models]
+    else:
+        n = 70_001 if case.endswith("radix") else 300_001
+        base = rng.standard_normal(n).astype(np.float32)
+        inputs = [base] + [base + rng.standard_normal(n).astype(np.float32) * s
+                           for s in (0.01, 1.0)]
+    n = inputs[0].size
+    ranks = (0, 1, n // 5, n // 2, n, n + 1)
+    if case == "missed":  # a window of the lowest keys: every magnitude lies above it
+        monkeypatch.setattr(stages, "_chunk_spread_window", lambda h, f, s: stages.Window(
+            *(jnp.zeros(f.shape + (2,), jnp.uint32) + v for v in (0, 1 << 16, 0))))
+    refines, radix = _spy(monkeypatch, "_chunk_refined_window"), _spy(monkeypatch, "_chunk_low")
+    chunks = stages.cut_chunks(inputs)
+    assert len(chunks.chunks) == -(-n // (1 << 16)) and 0 < chunks.valid[-1] < 1 << 16
+    negated = case.startswith("negated")
+    got = stages.chunked_thresholds(chunks, ranks, _negated_magnitudes if negated
+                                    else _model_magnitudes)
+    assert got.shape == (len(ranks), 2) and got.dtype == np.float32
+    for k, x in enumerate(inputs[1:]):
+        mags = np.abs(inputs[0].astype(np.float32) - x.astype(np.float32)).astype(np.float64)
+        values = -mags if negated else mags
+        np.testing.assert_array_equal(got[:, k], [ref_kth_largest(values, r) for r in ranks])
+    assert (len(refines) > 0) == (case == "refined")
+    assert (len(radix) > 0) == (case in ("radix", "missed", "negated_radix"))
+
+
+def test_chunked_thresholds_reject_float64():
+    x = np.zeros(300_000, np.float64)
+    with x64(), pytest.raises(MergeError, match="float64"):
+        stages.chunked_thresholds(stages.cut_chunks([x, x]), (10,), _float64_magnitudes)
+
+
+def _float64_magnitudes(inputs):
+    base, *models = inputs
+    return tuple(jnp.abs(base - x) for x in models)
 
 
 @pytest.mark.parametrize("huge", [1e30, -1e30])

@@ -45,10 +45,12 @@ from mergejax.method import (
     LeafKernels,
     LeafPlan,
     MergeMethod,
+    TensorThresholds,
     canonical_view,
     fold_statistics,
     raise_not_finite,
 )
+from mergejax.methods import stages
 from mergejax.tree import MergeError, is_float
 
 __all__ = [
@@ -237,10 +239,8 @@ class _Reader:
                 else jax.sharding.PartitionSpec())
         return jax.device_put(x, jax.sharding.NamedSharding(self._mesh, spec))
 
-    def read(self, path: str, flat: bool = False
-             ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
-        """The tensor at ``path`` of the base (None without one) and of every model;
-        ``flat``: as their `canonical_view` (a free view before they go to the device)."""
+    def _host(self, path: str) -> list[np.ndarray]:
+        """The tensor at ``path`` of the base (if any) and of every model, on the host."""
         reference = (self._base or self._models[0]).load(path)
         inputs = [reference] if self._base is not None else []
         for k, ckpt in enumerate(self._models):
@@ -251,14 +251,27 @@ class _Reader:
                 if path in self._plan.vocab_rows:
                     x = _fit_rows(x, reference)
             inputs.append(x)
-        arrays = [self._put(x.reshape(canonical_view(x.size)) if flat else x) for x in inputs]
+        return inputs
+
+    def read(self, path: str, flat: bool = False
+             ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
+        """The tensor at ``path`` of the base (None without one) and of every model;
+        ``flat``: as their `canonical_view` (a free view before they go to the device)."""
+        arrays = [self._put(x.reshape(canonical_view(x.size)) if flat else x)
+                  for x in self._host(path)]
         if self._base is None:
             return None, tuple(arrays)
         return arrays[0], tuple(arrays[1:])
 
-    def load(self, path: str, flat: bool = False
-             ) -> tuple[jax.Array | None, tuple[jax.Array, ...]]:
-        """`read`, waiting until the arrays are on the device (for a prefetching thread)."""
+    def load(self, path: str, flat: bool = False, chunked: bool = False) -> Any:
+        """`read`, waiting until the arrays are on the device (for a prefetching thread);
+        ``chunked``: ``(Chunks, host arrays)`` of the base's and models' flattened tensor
+        (`stages.cut_chunks`), unless it is float64 (then as `read`)."""
+        if chunked:
+            arrays = self._host(path)
+            if arrays[0].dtype != np.float64:
+                chunks = stages.cut_chunks([x.reshape(-1) for x in arrays])
+                return jax.block_until_ready(chunks), arrays
         return jax.block_until_ready(self.read(path, flat))
 
     def release(self, path: str) -> None:
@@ -298,10 +311,16 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
     # one compile per size, so a Llama's gate_proj, up_proj and down_proj share one.
     flat = {t.path: mesh is None and method.is_reshape_invariant(dict(leaves.static[t.leaf][1]))
             for t in todo if t.leaf is not None}
+    # Kernels whose only tensor-wide quantities are ranked values (`TensorThresholds`) run
+    # on fixed-size chunks once those are selected over the chunks: one compile for all
+    # sizes (a per-size kernel's selection takes 2-4 s to compile).
+    chunked = {t.path: _thresholds_spec(method, leaves.static[t.leaf][1], t, base, mesh)
+               for t in todo if t.leaf is not None}
     with futures.ThreadPoolExecutor(1) as pool:
         # The next `_AHEAD` merged tensors are read (page faults, copy to the device) while
         # this one merges (or compiles) and the caller writes the previous ones.
-        submitted = (pool.submit(reader.load, t.path, flat[t.path])
+        submitted = (pool.submit(reader.load, t.path, flat[t.path],
+                                 chunked[t.path] is not None)
                      for t in todo if t.leaf is not None)
         loads = collections.deque(itertools.islice(submitted, _AHEAD))
         for tensor in todo:
@@ -311,16 +330,50 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
                 reference.release(tensor.path)
                 continue
             j = tensor.leaf
-            b, xs = loads.popleft().result()
+            loaded = loads.popleft().result()
             loads.extend(itertools.islice(submitted, 1))
-            out, peak, held = kernels.run(j, b, xs, key)
-            if not held:
-                out, peak = kernels.run_exact(j, b, xs, key)
-            values = np.asarray(out).reshape(tensor.shape)
+            if isinstance(loaded[0], stages.Chunks):
+                values, peak = _merge_chunks(kernels, j, chunked[tensor.path], *loaded,
+                                             key, tensor)
+                b, xs = loaded[1][0], loaded[1][1:]
+            else:
+                b, xs = loaded
+                out, peak, held = kernels.run(j, b, xs, key)
+                if not held:
+                    out, peak = kernels.run_exact(j, b, xs, key)
+                values = np.asarray(out).reshape(tensor.shape)
             if check_finite and not np.isfinite(np.asarray(peak)):
                 raise_not_finite(method.name, tensor.name, b, xs)
             reader.release(tensor.path)
             yield tensor, values
+
+
+def _thresholds_spec(method: MergeMethod, static, tensor: OutputTensor,
+                     base: LazyCheckpoint | None, mesh) -> TensorThresholds | None:
+    """The `TensorThresholds` of a tensor merged chunk by chunk, or None."""
+    if (method.tensor_thresholds is None or base is None or mesh is not None
+            or int(np.prod(tensor.shape)) < stages.CHUNKED_MIN_SIZE):
+        return None
+    return method.tensor_thresholds(dict(static))
+
+
+def _merge_chunks(kernels: LeafKernels, j: int, spec: TensorThresholds,
+                  chunks: stages.Chunks, arrays: list[np.ndarray], key,
+                  tensor: OutputTensor) -> tuple[np.ndarray, Any]:
+    """Plan leaf ``j`` merged from its `Chunks`: the thresholds selected over them, then
+    the kernel on each chunk; ``(values, max|values| or None)``."""
+    del arrays  # the host memory the chunks alias: alive until here
+    thresholds = stages.chunked_thresholds(chunks, spec.ranks(chunks.size), spec.values)
+    outs = [kernels.run(j, inputs[0], inputs[1:], key, thresholds=thresholds)
+            for inputs in chunks.chunks]
+    values = np.empty(chunks.size, tensor.dtype)
+    offset = 0
+    for (out, _, _), valid in zip(outs, chunks.valid):
+        values[offset:offset + valid] = np.asarray(out)[:valid]
+        offset += valid
+    peaks = [peak for _, peak, _ in outs]
+    peak = None if peaks[0] is None else np.max(np.stack([np.asarray(p) for p in peaks]))
+    return values.reshape(tensor.shape), peak
 
 
 class _Progress:

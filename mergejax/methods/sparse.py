@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import registry
-from mergejax.method import REQUIRED, LeafContext, as_stored, leafwise
+from mergejax.method import REQUIRED, LeafContext, TensorThresholds, as_stored, leafwise
 from mergejax.methods import stages
 from mergejax.methods.masking import ModulatedMerge, modulated_merge
 from mergejax.tree import MergeError
@@ -213,6 +213,8 @@ def _magnitude_masks(ctx: LeafContext, base: Array, models: tuple[Array, ...], *
         ranks = _ranks(ctx.total_size, sparsify=sparsify, density=density, gamma=gamma,
                        topk=topk)
         thresholds = stages.global_thresholds(ctx, ranks, len(models))
+    elif ctx.thresholds is not None:  # selected over the whole tensor (`_chunked`)
+        thresholds = ctx.thresholds
     else:
         ranks = _ranks(base.size, sparsify=sparsify, density=density, gamma=gamma,
                        topk=topk)
@@ -246,6 +248,27 @@ def sparse_task_vector(ctx: LeafContext, base: Array, models: tuple[Array, ...],
     return scale * combined
 
 
+def _stored_magnitudes(stored: tuple[Array, ...]) -> tuple[Array, ...]:
+    """`_magnitudes` of ``(base, *models)`` as stored, upcast as the engine does."""
+    return _magnitudes(tuple(x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                             for x in stored))
+
+
+def _chunked(settings_fn):
+    """`leafwise`'s ``tensor_thresholds``: per-tensor magnitude and outlier trims without
+    a norm-matching rescale are elementwise once their thresholds are known."""
+    def spec(hparams):
+        s = settings_fn(hparams)
+        if (s["scope"] != "tensor" or s["sparsify"] not in _MAGNITUDE_BASED
+                or s["rescale"] not in ("none", "density")
+                or (s["density"] >= 1.0 and s["sparsify"] != "outliers")):
+            return None
+        ranks = functools.partial(_ranks, sparsify=s["sparsify"], density=s["density"],
+                                  gamma=s["gamma"], topk=s["topk"])
+        return TensorThresholds(ranks, _stored_magnitudes)
+    return spec
+
+
 def _reshape_invariant(settings_fn):
     """`leafwise`'s ``reshape_invariant`` for stage settings ``settings_fn(hparams)``:
     magnitude and outlier trims (exact thresholds from counts), random masks (drawn by
@@ -261,7 +284,8 @@ def _preset(name: str, paper: str, *, uses_key: bool = False, **fixed):
     return leafwise(name, family="sparse", paper=paper, coefficients=("weights", "scale"),
                     per_model=("weights",), uses_key=uses_key,
                     statistics=_statistics(_fixed(fixed)), validate=_validator(_fixed(fixed)),
-                    reshape_invariant=_reshape_invariant(_fixed(fixed)))
+                    reshape_invariant=_reshape_invariant(_fixed(fixed)),
+                    tensor_thresholds=_chunked(_fixed(fixed)))
 
 
 _TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv 2306.01708)"
@@ -274,7 +298,8 @@ _BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv 2312.06
           paper="mergekit generalized task arithmetic; the stages of TIES / DARE / DELLA",
           coefficients=("weights", "scale"), per_model=("weights",), uses_key="optional",
           statistics=_statistics(_fixed({})), validate=_validator(_fixed({})),
-          reshape_invariant=_reshape_invariant(_fixed({})))
+          reshape_invariant=_reshape_invariant(_fixed({})),
+          tensor_thresholds=_chunked(_fixed({})))
 def sparse_merge(ctx: LeafContext, base: Array, models: tuple[Array, ...], *,
                  weights=None, scale=1.0, sparsify: str = "magnitude", density: float = 1.0,
                  scope: str = "tensor", topk: str = "mergekit", gamma: float = 0.01,

@@ -74,7 +74,12 @@ from mergejax.method import (
 from mergejax.tree import MergeError
 
 __all__ = [
+    "CHUNK",
+    "CHUNKED_MIN_SIZE",
+    "Chunks",
     "bernoulli_mask",
+    "chunked_thresholds",
+    "cut_chunks",
     "disjoint_combine",
     "elect_sign",
     "global_threshold_passes",
@@ -127,11 +132,13 @@ _DROP = 1 << 30  # a bin index past every histogram: the entry is not counted
 
 
 def _histograms(acc: Array | None, inputs: tuple[Array, ...], values_of, bins_fn,
-                width: int, rows: int = 1, stride: int = 1) -> Array:
+                width: int, rows: int = 1, stride: int = 1, valid: Array | None = None
+                ) -> Array:
     """Adds histograms of ``width`` bins to ``acc`` (``(rows * K, width)`` int32): for row
     ``i`` and task ``k``, of ``bins_fn(keys_k, i, k)`` where ``keys_k`` are the order keys
     of ``values_of(inputs)[k]`` (elementwise in the inputs) at every ``stride``-th entry;
-    `_DROP` indices are not counted.
+    `_DROP` indices are not counted, nor entries (of the flattened inputs) from ``valid``
+    on (padding).
 
     One scatter per (row, task), written once inside a loop over tasks that computes the
     task's values from the (strided) inputs in a `lax.switch` branch: XLA:CPU compiles a
@@ -149,7 +156,10 @@ def _histograms(acc: Array | None, inputs: tuple[Array, ...], values_of, bins_fn
         keys = order_key(lax.switch(j, branches))
         for i in range(rows):
             row = i * k + j
-            acc = acc.at[row].set(acc[row].at[bins_fn(keys, i, j)].add(1, mode="drop"))
+            bins = bins_fn(keys, i, j)
+            if valid is not None:
+                bins = jnp.where(lax.iota(jnp.int32, bins.size) < valid, bins, _DROP)
+            acc = acc.at[row].set(acc[row].at[bins].add(1, mode="drop"))
         return acc
 
     return lax.fori_loop(0, k, task, acc)
@@ -246,15 +256,21 @@ def sample_stride(size: int) -> int:
     return max(1, size // _SAMPLE)
 
 
-def _scaled_ranks(sample_hist: Array, ranks: tuple[int, ...], size: int
-                  ) -> tuple[Array, Array, Array]:
+def rank_fractions(ranks: tuple[int, ...], size: int) -> np.ndarray:
+    """``(R,)`` float32: each rank as a fraction of the ``size`` entries it counts over,
+    which the sample's histograms scale to their own count (`spread_window`)."""
+    return np.asarray([r / size for r in ranks], np.float32)
+
+
+def _scaled_ranks(sample_hist: Array, fractions: Array) -> tuple[Array, Array, Array]:
     """``(hist, counts, scaled)``: the sample's high-bin histograms ``(K, _BINS)``
-    broadcast to ``(R, K, _BINS)``, the sample sizes ``(1, K)`` and each rank scaled to
-    the sample ``(R, K)`` (float)."""
+    broadcast to ``(R, K, _BINS)``, the sample sizes ``(1, K)`` and each rank (given as
+    `rank_fractions`) scaled to the sample ``(R, K)`` (float)."""
     counts = jnp.sum(sample_hist, axis=-1).astype(jnp.float32)[None, :]
-    fraction = jnp.asarray([r / size for r in ranks], jnp.float32)[:, None]
+    fraction = jnp.asarray(fractions, jnp.float32)[:, None]
     scaled = jnp.clip(counts * fraction, 1.0, jnp.maximum(counts, 1.0))
-    return jnp.broadcast_to(sample_hist, (len(ranks),) + sample_hist.shape), counts, scaled
+    return (jnp.broadcast_to(sample_hist, (fraction.shape[0],) + sample_hist.shape), counts,
+            scaled)
 
 
 def _sample_bin(hist: Array, counts: Array, rank: Array) -> Array:
@@ -268,12 +284,11 @@ def _centred(centre: Array) -> Array:
     return jnp.clip(centre - _WINDOW // 2, 0, _BINS - _WINDOW)
 
 
-def _spread_bins(sample_hist: Array, ranks: tuple[int, ...], size: int
-                 ) -> tuple[Array, Array, Array]:
+def _spread_bins(sample_hist: Array, fractions: Array) -> tuple[Array, Array, Array]:
     """``(bottom, top, centre)``, each ``(R, K)``: the high bins of the sample ranks ``s +
     spread``, ``s - spread`` and ``s``, where ``s`` is the wanted rank scaled to the ``m``
     sampled entries and ``spread = 4 sqrt(s (1 - s / m)) + 1`` (4 standard deviations)."""
-    hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
+    hist, counts, scaled = _scaled_ranks(sample_hist, fractions)
     spread = 4.0 * jnp.sqrt(scaled * (1.0 - scaled / jnp.maximum(counts, 1.0))) + 1.0
     # One search for the three; higher keys have smaller ranks.
     wanted = jnp.stack([scaled + spread, scaled - spread, scaled])
@@ -282,21 +297,22 @@ def _spread_bins(sample_hist: Array, ranks: tuple[int, ...], size: int
     return bottom, top, centre
 
 
-def narrow_window(sample_hist: Array, ranks: tuple[int, ...], size: int) -> Window:
-    """Each rank's window of 1 to 4 high bins, for the model-wide window pass, which wants
-    few candidate rows: the high bins of the sample ranks ``s +- 4`` standard deviations
-    (`_spread_bins`); where that needs more than `_WINDOW` bins, `_WINDOW` bins centred
-    on the sample's estimate."""
-    bottom, top, centre = _spread_bins(sample_hist, ranks, size)
+def narrow_window(sample_hist: Array, fractions: Array) -> Window:
+    """Each rank's (given as `rank_fractions`) window of 1 to 4 high bins, for the
+    model-wide window pass, which wants few candidate rows: the high bins of the sample
+    ranks ``s +- 4`` standard deviations (`_spread_bins`); where that needs more than
+    `_WINDOW` bins, `_WINDOW` bins centred on the sample's estimate."""
+    bottom, top, centre = _spread_bins(sample_hist, fractions)
     fits = top - bottom < _WINDOW
     return high_bin_window(jnp.where(fits, bottom, _centred(centre)),
                            jnp.where(fits, top - bottom + 1, _WINDOW))
 
 
-def spread_window(sample_hist: Array, ranks: tuple[int, ...], size: int,
-                  max_shift: int = _MAX_SHIFT) -> Window:
-    """Each rank's per-tensor window. With ``max_shift`` 0: `_WINDOW` high bins at full
-    resolution centred on the sample's estimate (float32 values: on ViT-B/32 shapes the
+def spread_window(sample_hist: Array, fractions: Array, max_shift: int = _MAX_SHIFT
+                  ) -> Window:
+    """Each rank's (given as `rank_fractions`) per-tensor window. With ``max_shift`` 0:
+    `_WINDOW` high bins at full resolution centred on the sample's estimate (float32
+    values: on ViT-B/32 shapes the
     sample ranks ``s +- 4`` standard deviations span 2 to 5 bins, and one search of the
     sample compiles faster than three, ~0.1 s per leaf). Else around the high bins of
     those ranks (`_spread_bins`, ``needed`` bins): `_WINDOW` bins centred on them where
@@ -311,10 +327,10 @@ def spread_window(sample_hist: Array, ranks: tuple[int, ...], size: int,
     leaves, each miss running the exact radix fallback (~7 ns per entry).
     """
     if max_shift == 0:
-        hist, counts, scaled = _scaled_ranks(sample_hist, ranks, size)
+        hist, counts, scaled = _scaled_ranks(sample_hist, fractions)
         start = _centred(_sample_bin(hist, counts, scaled))
         return high_bin_window(start, jnp.full_like(start, _WINDOW))
-    bottom, top, centre = _spread_bins(sample_hist, ranks, size)
+    bottom, top, centre = _spread_bins(sample_hist, fractions)
     needed = top - bottom + 1
     smallest = sum((needed > (_WINDOW << s)).astype(jnp.int32) for s in range(max_shift))
     shift = jnp.where(needed > 2 * _WINDOW, smallest, 0)
@@ -352,10 +368,12 @@ def _identity(values: tuple[Array, ...]) -> tuple[Array, ...]:
 
 
 def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
-                       window: Window, bins: int = _FINE) -> Array:
+                       window: Window, bins: int = _FINE, valid: Array | None = None
+                       ) -> Array:
     """Adds the window histograms of the K arrays ``values_of(inputs)`` to ``acc`` (``(R *
     K, bins + 1)``, zeros if None; row ``i * K + j``: rank i, task j): the count of keys
     in each fine bin of the `Window` (``(key - first) >> shift``), then the count above.
+    Entries (of the flattened inputs) from ``valid`` on are padding, not counted.
 
     ``values_of`` is elementwise (e.g. ``|base - x_k|`` from ``inputs = (base, *models)``),
     so neither the values nor their keys are materialised: a row test per rank and task
@@ -372,6 +390,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
         acc = jnp.zeros((n_ranks * k, bins + 1), jnp.int32)
     bins = acc.shape[-1] - 1
     n = inputs[0].size
+    limit = n if valid is None else valid
     rows = -(-n // _ROW)
     tables = tuple(jnp.pad(x.reshape(-1), (0, rows * _ROW - n)).reshape(rows, _ROW)
                    for x in inputs)
@@ -379,7 +398,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
     # Not padding (which may count above a window; padded candidates are dropped when
     # gathered).
     real = (lax.broadcasted_iota(jnp.int32, (rows, _ROW), 0) * _ROW
-            + lax.broadcasted_iota(jnp.int32, (rows, _ROW), 1)) < n
+            + lax.broadcasted_iota(jnp.int32, (rows, _ROW), 1)) < limit
     keys_of_task = [order_key(v).reshape(rows, _ROW) for v in values_of(tables)]
     above, candidates = [], []
     for i in range(n_ranks):
@@ -413,7 +432,7 @@ def _window_histograms(acc: Array | None, inputs: tuple[Array, ...], values_of,
             picked = lax.dynamic_slice_in_dim(row, c * chunk, chunk)
             live = (c * chunk + jnp.arange(chunk) < count)[:, None]
             offset = order_key(lax.switch(j, task_values(picked))).reshape(chunk, _ROW) - first
-            keep = live & (picked[:, None] * _ROW + lanes < n) & (offset < span)
+            keep = live & (picked[:, None] * _ROW + lanes < limit) & (offset < span)
             return hist.at[jnp.where(keep, (offset >> shift).astype(jnp.int32), _DROP)].add(
                 1, mode="drop")
 
@@ -444,9 +463,12 @@ def _every_key_window_histograms(acc: Array | None, inputs: tuple[Array, ...], v
     return acc
 
 
-def _ranks_array(ranks: tuple[int, ...], k: int) -> Array:
-    return jnp.broadcast_to(jnp.asarray([min(max(r, 1), 2**31 - 1) for r in ranks],
-                                        jnp.int32)[:, None], (len(ranks), k))
+def _ranks_array(ranks: tuple[int, ...] | Array, k: int) -> Array:
+    """``(R, K)`` int32 ranks from a tuple of ints or an ``(R,)`` array (traced ranks:
+    one compiled finalize serves every tensor size, `chunked_thresholds`)."""
+    if isinstance(ranks, tuple):
+        ranks = jnp.asarray([min(max(r, 1), 2**31 - 1) for r in ranks], jnp.int32)
+    return jnp.broadcast_to(jnp.asarray(ranks, jnp.int32)[:, None], (len(ranks), k))
 
 
 def _fine_bin_keys(window_hist: Array, window: Window, ranks: tuple[int, ...]
@@ -565,7 +587,7 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
     sample = _histograms(None, inputs, values_of, _high_bins, _BINS,
                          stride=sample_stride(size))
     max_shift = _window_max_shift(inputs)
-    window = spread_window(sample, live, size, max_shift)
+    window = spread_window(sample, rank_fractions(live, size), max_shift)
     hist = _window_histograms(None, inputs, values_of, window)
     thresholds, found = window_thresholds(hist, window, live)
 
@@ -580,6 +602,159 @@ def select_thresholds(inputs: tuple[Array, ...], ranks: tuple[int, ...],
         return lax.cond(jnp.any(window.shift > 0), refine, lambda _: thresholds, None)
 
     return _edges(speculate(jnp.all(found), windowed, radix, None), ranks, size, k)
+
+
+#: Entries per chunk of `chunked_thresholds`' passes: every tensor size runs the same
+#: compiled passes (a streaming merge's per-tensor top-k compiles once, not per size).
+CHUNK = 1 << 20
+#: The smallest tensor a streaming merge selects over chunks: a smaller one would pad its
+#: chunk to over 4x its size, and its own kernel's selection (radix passes only, or a
+#: sort) compiles faster than a sampled one.
+CHUNKED_MIN_SIZE = _SAMPLE + 1
+
+
+class Chunks(NamedTuple):
+    """A tensor's inputs cut for `chunked_thresholds` (`cut_chunks`).
+
+    ``chunks``: tuples of 1-d arrays of `CHUNK` entries, one per input, the last chunk
+    zero-padded (``valid[i]`` of chunk i's entries are the tensor's); ``sample``: every
+    `sample_stride`-th entry of each input, zero-padded to ``2 * _SAMPLE`` entries
+    (``sample_count`` of them real): the sample `select_thresholds` takes of the whole
+    tensor, so both pick the same windows."""
+
+    size: int
+    chunks: tuple[tuple[Array, ...], ...]
+    valid: tuple[int, ...]
+    sample: tuple[Array, ...]
+    sample_count: int
+
+
+def cut_chunks(arrays: Sequence[np.ndarray]) -> Chunks:
+    """The flat host arrays ``arrays`` (one per input, all of one size) as `Chunks` of
+    device arrays; on CPU the full chunks alias the host memory (no copy).
+
+    Example::
+
+        chunks = cut_chunks([base.reshape(-1), ft.reshape(-1)])
+    """
+    size = arrays[0].size
+    count = max(1, -(-size // CHUNK))
+    stride = sample_stride(size)
+    sample_count = -(-size // stride)
+
+    def padded(x: np.ndarray, n: int) -> np.ndarray:
+        out = np.zeros(n, x.dtype)
+        out[:x.size] = x
+        return out
+
+    chunks = []
+    for i in range(count):
+        part = [x[i * CHUNK:(i + 1) * CHUNK] for x in arrays]
+        chunks.append(tuple(jax.device_put(x if x.size == CHUNK else padded(x, CHUNK),
+                                           may_alias=True) for x in part))
+    sample = tuple(jax.device_put(padded(x[::stride], 2 * _SAMPLE)) for x in arrays)
+    return Chunks(size, tuple(chunks), tuple(min(CHUNK, size - i * CHUNK)
+                                             for i in range(count)), sample, sample_count)
+
+
+@functools.partial(jax.jit, static_argnames=("values_of",), donate_argnums=0)
+def _chunk_high(acc: Array, inputs: tuple[Array, ...], valid: Array, *, values_of) -> Array:
+    return _histograms(acc, inputs, values_of, _high_bins, _BINS, valid=valid)
+
+
+@functools.partial(jax.jit, static_argnames=("values_of",), donate_argnums=0)
+def _chunk_low(acc: Array, inputs: tuple[Array, ...], valid: Array, high_bins: Array, *,
+               values_of) -> Array:
+    return _histograms(acc, inputs, values_of, _low_bins(high_bins), _BINS,
+                       rows=high_bins.shape[0], valid=valid)
+
+
+@functools.partial(jax.jit, static_argnames=("values_of",), donate_argnums=0)
+def _chunk_window(acc: Array, inputs: tuple[Array, ...], valid: Array, window: Window, *,
+                  values_of) -> Array:
+    return _window_histograms(acc, inputs, values_of, window, bins=acc.shape[-1] - 1,
+                              valid=valid)
+
+
+_chunk_spread_window = jax.jit(spread_window, static_argnames=("max_shift",))
+_chunk_window_thresholds = jax.jit(window_thresholds)
+_chunk_refined_window = jax.jit(refined_window)
+_chunk_radix_high_bins = jax.jit(_radix_high_bins)
+_chunk_radix_thresholds = jax.jit(_radix_thresholds)
+
+
+def chunked_thresholds(chunks: Chunks, ranks: tuple[int, ...], values_of) -> np.ndarray:
+    """``(R, K)`` float32: `select_thresholds` of the tensor cut into ``chunks``
+    (`cut_chunks`), the same values, from passes compiled once for every tensor size.
+
+    ``values_of`` is elementwise in the inputs as there, and hashable (a module-level
+    function: the compiled passes are cached by it). The same sample and window pass
+    (`spread_window`), the refinement pass for inputs narrower than float32 and the two
+    radix passes where the window missed, each folded chunk by chunk; padded entries are
+    not counted. Ranks and sizes are traced in the finalizes. Tensors of up to
+    ``_SAMPLE`` entries go straight to the radix passes, as there (their sort path for
+    up to `_SORT_MAX` entries gives the same values). float64 values are not supported
+    (the keys are float32).
+
+    Example::
+
+        thresholds = chunked_thresholds(cut_chunks(flat_inputs), (rank,), magnitudes)
+    """
+    size = chunks.size
+    first = chunks.chunks[0]
+    shapes = jax.eval_shape(values_of, first)
+    k = len(shapes)
+    if shapes[0].dtype == jnp.float64:
+        raise MergeError("chunked_thresholds ranks float32 keys; float64 values need "
+                         "select_thresholds")
+    live = _live(ranks, size)
+    found = np.zeros((len(live), k), np.float32)
+    if live:
+        found = np.asarray(_chunked_live_thresholds(chunks, live, values_of, k))
+    rows, j = [], 0
+    for r in ranks:
+        if r <= 0:
+            rows.append(np.full(k, np.inf, np.float32))
+        elif r > size:
+            rows.append(np.full(k, -np.inf, np.float32))
+        else:
+            rows.append(found[j])
+            j += 1
+    return np.stack(rows)
+
+
+def _chunked_live_thresholds(chunks: Chunks, live: tuple[int, ...], values_of,
+                             k: int) -> Array:
+    passes = tuple(zip(chunks.chunks, (np.int32(v) for v in chunks.valid)))
+    ranks = np.asarray([min(r, 2**31 - 1) for r in live], np.int32)
+
+    def fold(update, acc, *args):
+        acc = jax.device_put(acc)
+        for inputs, valid in passes:
+            acc = update(acc, inputs, valid, *args, values_of=values_of)
+        return acc
+
+    def radix():
+        high = fold(_chunk_high, np.zeros((k, _BINS), np.int32))
+        high_bins = _chunk_radix_high_bins(high, ranks)
+        low = fold(_chunk_low, np.zeros((len(live) * k, _BINS), np.int32), high_bins)
+        return _chunk_radix_thresholds(high, low, ranks)
+
+    if chunks.size <= _SAMPLE:
+        return radix()
+    sample = _chunk_high(jax.device_put(np.zeros((k, _BINS), np.int32)), chunks.sample,
+                         np.int32(chunks.sample_count), values_of=values_of)
+    max_shift = _window_max_shift(chunks.sample)
+    window = _chunk_spread_window(sample, rank_fractions(live, chunks.size), max_shift)
+    hist = fold(_chunk_window, np.zeros((len(live) * k, _FINE + 1), np.int32), window)
+    thresholds, found = _chunk_window_thresholds(hist, window, ranks)
+    if not np.all(np.asarray(found)):
+        return radix()
+    if max_shift and np.any(np.asarray(window.shift) > 0):
+        fine = _chunk_refined_window(hist, window, ranks)
+        hist = fold(_chunk_window, np.zeros((len(live) * k, _REFINE + 1), np.int32), fine)
+        return _chunk_window_thresholds(hist, fine, ranks)[0]
+    return thresholds
 
 
 def _ascending(values: Sequence[Array]) -> Callable[[Any], Array]:
@@ -784,7 +959,8 @@ def global_threshold_passes(values_fn, ranks_fn, active=None) -> tuple[Statistic
     nothing = lambda ctx, acc: None  # noqa: E731
     return (
         pass_(sample_add, bins(_BINS),
-              lambda ctx, ranks, h: narrow_window(h, ranks, ctx.total_size), read=strided,
+              lambda ctx, ranks, h: narrow_window(h, rank_fractions(ranks, ctx.total_size)),
+              read=strided,
               sorted_result=nothing),
         pass_(window_add, bins(_FINE + 1, rows=True),
               lambda ctx, ranks, h: (lambda t, f: (t, jnp.all(f)))(
