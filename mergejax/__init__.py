@@ -70,6 +70,7 @@ _EXPORTS = {
     "LeafContext": "mergejax.method",
     "MergeMethod": "mergejax.method",
     "StatisticsPass": "mergejax.method",
+    "TensorThresholds": "mergejax.method",
     "as_stored": "mergejax.method",
     "fused_reduce": "mergejax.method",
     "leaf_key": "mergejax.method",

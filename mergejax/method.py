@@ -101,6 +101,23 @@ class TensorThresholds(NamedTuple):
       values: ``values(stored_inputs)``, the K arrays ranked, elementwise in ``(base,
         *models)`` as stored (it upcasts them as the engine does); a module-level
         function (compiled passes are cached by it).
+
+    Example (a per-tensor top-20% trim of each task vector)::
+
+        def magnitudes(stored):
+            base, *models = (x.astype(jnp.float32) for x in stored)
+            return tuple(jnp.abs(base - x) for x in models)
+
+        @mergejax.leafwise("top20", family="sparse", paper="-",
+                           tensor_thresholds=lambda hp: mergejax.TensorThresholds(
+                               lambda size: (size // 5,), magnitudes))
+        def top20(ctx, base, models):
+            thresholds = ctx.thresholds
+            if thresholds is None:
+                thresholds = select_thresholds((base, *models), (base.size // 5,),
+                                               magnitudes)
+            return base + sum(jnp.where(jnp.abs(x - base) >= thresholds[0, k], x - base, 0)
+                              for k, x in enumerate(models))
     """
 
     ranks: Callable[[int], tuple[int, ...]]
