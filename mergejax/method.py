@@ -982,6 +982,9 @@ def _path_class(path: str) -> str:
 #: Per (method, leaf group): the path a kernel that never read ``ctx.path`` was traced
 #: with, which every leaf of the group then passes (one trace, one compiled function).
 _SHARED_PATH: dict[Any, str] = {}
+#: The leaf groups (`LeafKernels._shares`) whose speculation failed once: they run the
+#: exact kernel (the same bits; its rare branch runs only where needed).
+_NEEDS_EXACT: set[Any] = set()
 
 
 def _split_stats(stats: tuple[Any, ...]) -> tuple[list[Any], Any]:
@@ -1057,7 +1060,8 @@ class LeafKernels:
     share one compilation; one that reads it gets the path with its numbers replaced by
     ``#`` (layers never matter to a kernel). With ``speculative``, kernels are compiled
     under `speculation`: `run` returns whether the assumptions held, and `run_exact`
-    computes a leaf whose did not (its group then compiles the exact kernel from then on).
+    computes a leaf whose did not (its group then runs the exact kernel from then on, in
+    later merges too: each would otherwise run such leaves twice).
     ``stats`` are the method's ``ctx.stats`` for the whole model, ``total_size`` its
     number of merged entries. The results are `_run_kernels`' bit for bit.
 
@@ -1074,7 +1078,6 @@ class LeafKernels:
         self._method, self._plan, self._total_size = method, plan, total_size
         self._check_finite, self._speculative = check_finite, speculative
         self._stats_arrays, self._stats_static = _split_stats(stats)
-        self._exact: set[Any] = set()
 
     def group(self, j: int, base: Any, models: Sequence[Any], thresholds: Any = None
               ) -> Any:
@@ -1093,18 +1096,23 @@ class LeafKernels:
         the leaf's flattened entries."""
         group = self.group(j, base, models, thresholds)
         return self._call(j, group, base, models, key,
-                          self._speculative and group not in self._exact, thresholds)
+                          self._speculative and self._shares(group) not in _NEEDS_EXACT,
+                          thresholds)
 
     def run_exact(self, j: int, base: Any, models: Sequence[Any],
                   key: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """`run` without speculation, for leaf ``j`` and the rest of its group."""
         group = self.group(j, base, models)
-        self._exact.add(group)
+        _NEEDS_EXACT.add(self._shares(group))
         return self._call(j, group, base, models, key, False)[:2]
+
+    def _shares(self, group: Any) -> Any:
+        """What the leaves sharing a compiled function have in common."""
+        return self._method, group, self._stats_static, self._total_size
 
     def _call(self, j, group, base, models, key, speculative, thresholds=None):
         path, static = self._plan.static[j]
-        shares = (self._method, group, self._stats_static, self._total_size)
+        shares = self._shares(group)
         shared = _SHARED_PATH.get(shares, _path_class(path))
         traces, reads = _WatchedContext.snapshot()
         result = _merge_leaf(

@@ -15,6 +15,7 @@ from mergejax import method as method_lib
 from mergejax import registry
 from mergejax.method import MergeMethod
 from mergejax.methods import stages
+from mergejax.tree import flatten_with_paths
 
 #: Hyperparameters a method needs (no default).
 HPARAMS = {"darex": {"q": 0.5}, "nearswap": {"t": 0.5}}
@@ -285,6 +286,7 @@ def test_speculation_is_settled_after_the_leaves_ran(adversarial):
     traced = []
     original = stages.select_thresholds
     method_lib._merge_leaf.clear_cache()  # pylint: disable=protected-access (count traces)
+    method_lib._NEEDS_EXACT.clear()  # pylint: disable=protected-access
 
     def counting(*args, **kwargs):
         traced.append(args[0][0].shape)
@@ -296,6 +298,29 @@ def test_speculation_is_settled_after_the_leaves_ran(adversarial):
     big = [s for s in traced if s == shape]
     assert len(big) == (2 if adversarial else 1)  # speculative, then exact if needed
     _assert_same_bits(got, mergejax.ties(base, models, per_leaf=False, **hparams))
+
+
+def test_a_group_whose_speculation_failed_runs_exact_in_later_merges():
+    """Once a leaf group needed its exact kernel, a later merge runs that kernel at once
+    (the speculative one would fail again, and the leaf would run twice)."""
+    base, models = _sample_misleading(3, stages.sample_stride(BIG[0] * BIG[1]), True,
+                                      lambda rng: rng.standard_normal((64, 8)))
+    method = registry.get_method("ties")
+    paths, bases, _ = flatten_with_paths(base)
+    leaves = [jax.tree.leaves(m) for m in models]
+    j = next(i for i, b in enumerate(bases) if b.shape == BIG)
+    plan = method.plan(paths, bases, len(models), density=0.2, scope="tensor",
+                       topk="mergekit")
+    total = sum(b.size for b in bases)
+    method_lib._NEEDS_EXACT.clear()  # pylint: disable=protected-access
+    xs = [m[j] for m in leaves]
+    first = method_lib.LeafKernels(method, plan, (), total)
+    assert not bool(first.run(j, bases[j], xs)[2])  # the window missed: not exact
+    exact, _ = first.run_exact(j, bases[j], xs)
+    later = method_lib.LeafKernels(method, plan, (), total)
+    out, _, held = later.run(j, bases[j], xs)
+    assert bool(held)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(exact))
 
 
 def test_global_fallback_passes_run_where_the_window_missed(monkeypatch):
