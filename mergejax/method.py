@@ -1100,11 +1100,12 @@ class LeafKernels:
                           thresholds)
 
     def run_exact(self, j: int, base: Any, models: Sequence[Any],
-                  key: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+                  key: jax.Array | None = None, thresholds: Any = None
+                  ) -> tuple[jax.Array, jax.Array | None]:
         """`run` without speculation, for leaf ``j`` and the rest of its group."""
-        group = self.group(j, base, models)
+        group = self.group(j, base, models, thresholds)
         _NEEDS_EXACT.add(self._shares(group))
-        return self._call(j, group, base, models, key, False)[:2]
+        return self._call(j, group, base, models, key, False, thresholds)[:2]
 
     def _shares(self, group: Any) -> Any:
         """What the leaves sharing a compiled function have in common."""

@@ -335,6 +335,48 @@ def test_a_tensor_that_needs_the_rare_branch_is_merged_again_with_it(tmp_path):
     assert_bitwise_equal(out, _merged_in_memory(method, dirs))
 
 
+def _f32_magnitudes(stored):
+    base, *models = (x.astype(jnp.float32) for x in stored)
+    return tuple(jnp.abs(base - x) for x in models)
+
+
+def _clipped_top_fifth():
+    """A per-tensor top-20% trim declaring its thresholds, whose sum of trimmed task
+    vectors is clipped to [-1, 1] in `speculate`'s rare branch (the identity where every
+    entry is inside: a chunk without outliers may skip it)."""
+    @mergejax.leafwise("_clipped_top_fifth", family="sparse", paper="-", register=False,
+                       tensor_thresholds=lambda hp: mergejax.TensorThresholds(
+                           lambda size: (size // 5,), _f32_magnitudes))
+    def kernel(ctx, base, models):
+        thresholds = ctx.thresholds
+        if thresholds is None:
+            thresholds = stages.select_thresholds((base, *models), (base.size // 5,),
+                                                  _f32_magnitudes)
+        total = sum(jnp.where(jnp.abs(x - base) >= thresholds[0, k], x - base, 0.0)
+                    for k, x in enumerate(models))
+        return base + mergejax.speculate(jnp.all(jnp.abs(total) <= 1), lambda: total,
+                                         lambda: jnp.clip(total, -1, 1))
+    return kernel
+
+
+def test_a_chunk_that_needs_the_rare_branch_is_merged_again_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(stages, "CHUNK", 1 << 16)
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((700, 1000)).astype(np.float32)
+    dirs = []
+    for k in range(3):
+        tau = np.zeros_like(base) if k == 0 else 0.1 * rng.standard_normal(base.shape)
+        if k:
+            tau[-1, -1] = 5.0  # in the last chunk only
+        d = str(tmp_path / f"m{k}")
+        st.save_safetensors({"w": (base + tau).astype(np.float32)}, d)
+        dirs.append(d)
+    method = _clipped_top_fifth()
+    out = streamed(method, dirs)
+    assert out["w"][-1, -1] == np.float32(base[-1, -1] + np.float32(1.0))
+    assert_bitwise_equal(out, _merged_in_memory(method, dirs))
+
+
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial, monkeypatch):
     """Per-tensor top-k over > 2**18 entries streams chunk by chunk: the sampled window,

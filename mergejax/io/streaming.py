@@ -333,9 +333,10 @@ def iter_merged(plan: StreamPlan, base: LazyCheckpoint | None,
             loaded = loads.popleft().result()
             loads.extend(itertools.islice(submitted, 1))
             if isinstance(loaded[0], stages.Chunks):
-                values, peak = _merge_chunks(kernels, j, chunked[tensor.path], *loaded,
-                                             key, tensor)
-                b, xs = loaded[1][0], loaded[1][1:]
+                # The host arrays the chunks alias stay referenced until the tensor is done.
+                chunks, (b, *xs) = loaded
+                values, peak = _merge_chunks(kernels, j, chunked[tensor.path], chunks, key,
+                                             tensor)
             else:
                 b, xs = loaded
                 out, peak, held = kernels.run(j, b, xs, key)
@@ -358,20 +359,22 @@ def _thresholds_spec(method: MergeMethod, static, tensor: OutputTensor,
 
 
 def _merge_chunks(kernels: LeafKernels, j: int, spec: TensorThresholds,
-                  chunks: stages.Chunks, arrays: list[np.ndarray], key,
-                  tensor: OutputTensor) -> tuple[np.ndarray, Any]:
+                  chunks: stages.Chunks, key, tensor: OutputTensor
+                  ) -> tuple[np.ndarray, Any]:
     """Plan leaf ``j`` merged from its `Chunks`: the thresholds selected over them, then
-    the kernel on each chunk; ``(values, max|values| or None)``."""
-    del arrays  # the host memory the chunks alias: alive until here
+    the kernel on each chunk (all dispatched, then a chunk whose speculation failed run
+    again exactly); ``(values, max|values| or None)``."""
     thresholds = stages.chunked_thresholds(chunks, spec.ranks(chunks.size), spec.values)
     outs = [kernels.run(j, inputs[0], inputs[1:], key, thresholds=thresholds)
             for inputs in chunks.chunks]
     values = np.empty(chunks.size, tensor.dtype)
-    offset = 0
-    for (out, _, _), valid in zip(outs, chunks.valid):
+    peaks, offset = [], 0
+    for inputs, (out, peak, held), valid in zip(chunks.chunks, outs, chunks.valid):
+        if not held:
+            out, peak = kernels.run_exact(j, inputs[0], inputs[1:], key, thresholds)
         values[offset:offset + valid] = np.asarray(out)[:valid]
+        peaks.append(peak)
         offset += valid
-    peaks = [peak for _, peak, _ in outs]
     peak = None if peaks[0] is None else np.max(np.stack([np.asarray(p) for p in peaks]))
     return values.reshape(tensor.shape), peak
 

@@ -708,19 +708,9 @@ def chunked_thresholds(chunks: Chunks, ranks: tuple[int, ...], values_of) -> np.
         raise MergeError("chunked_thresholds ranks float32 keys; float64 values need "
                          "select_thresholds")
     live = _live(ranks, size)
-    found = np.zeros((len(live), k), np.float32)
-    if live:
-        found = np.asarray(_chunked_live_thresholds(chunks, live, values_of, k))
-    rows, j = [], 0
-    for r in ranks:
-        if r <= 0:
-            rows.append(np.full(k, np.inf, np.float32))
-        elif r > size:
-            rows.append(np.full(k, -np.inf, np.float32))
-        else:
-            rows.append(found[j])
-            j += 1
-    return np.stack(rows)
+    live_thresholds = (_chunked_live_thresholds(chunks, live, values_of, k) if live
+                       else jnp.zeros((0, k)))
+    return np.asarray(_edges(live_thresholds, ranks, size, k))
 
 
 def _chunked_live_thresholds(chunks: Chunks, live: tuple[int, ...], values_of,
