@@ -79,3 +79,11 @@ def benchmark_env() -> dict[str, str]:
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if not f.startswith("--xla_force_host_platform_device_count"))
     return env
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Counts the calls of ``module.<name>`` (patched for the test)."""
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name,
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _helpers import spy
 
 import mergejax
 from mergejax import method as method_lib
@@ -395,11 +396,8 @@ def test_per_tensor_ties_on_a_window_missing_layout(tmp_path, adversarial, monke
         d = str(tmp_path / f"m{k}")
         st.save_safetensors({"w": (base + tau).astype(np.float32)}, d)
         dirs.append(d)
-    calls = {name: [] for name in ("select_thresholds", "_chunk_window", "_chunk_low")}
-    for name, log in calls.items():
-        original = getattr(stages, name)
-        monkeypatch.setattr(stages, name, lambda *a, _f=original, _log=log, **kw:
-                            _log.append(1) or _f(*a, **kw))
+    calls = {name: spy(monkeypatch, stages, name)
+             for name in ("select_thresholds", "_chunk_window", "_chunk_low")}
     out = streamed("ties", dirs, density=0.2, scope="tensor", topk="mergekit")
     monkeypatch.undo()
     assert not calls["select_thresholds"]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import check_tree, floats, make_tree, walk, x64
+from _helpers import check_tree, floats, make_tree, spy, walk, x64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
@@ -714,13 +714,6 @@ def _model_magnitudes(inputs):
     return tuple(jnp.abs(base.astype(jnp.float32) - x.astype(jnp.float32)) for x in models)
 
 
-def _spy(monkeypatch, name: str) -> list:
-    """Counts the calls of ``stages.<name>``."""
-    calls, original = [], getattr(stages, name)
-    monkeypatch.setattr(stages, name, lambda *a, **k: calls.append(1) or original(*a, **k))
-    return calls
-
-
 def _negated_magnitudes(inputs):
     """-|base - x_k|: the padding's zeros would rank first if they were counted."""
     return tuple(-m for m in _model_magnitudes(inputs))
@@ -748,7 +741,8 @@ def test_chunked_thresholds_match_sort(case, monkeypatch):
     if case == "missed":  # a window of the lowest keys: every magnitude lies above it
         monkeypatch.setattr(stages, "_chunk_spread_window", lambda h, f, s: stages.Window(
             *(jnp.zeros(f.shape + (2,), jnp.uint32) + v for v in (0, 1 << 16, 0))))
-    refines, radix = _spy(monkeypatch, "_chunk_refined_window"), _spy(monkeypatch, "_chunk_low")
+    refines = spy(monkeypatch, stages, "_chunk_refined_window")
+    radix = spy(monkeypatch, stages, "_chunk_low")
     chunks = stages.cut_chunks(inputs)
     assert len(chunks.chunks) == -(-n // (1 << 16)) and 0 < chunks.valid[-1] < 1 << 16
     negated = case.startswith("negated")
