@@ -173,12 +173,17 @@ def _magnitudes(inputs: tuple[Array, ...]) -> tuple[Array, ...]:
     return tuple(jnp.abs(base - x) for x in models)
 
 
+def _prunes(sparsify: str, density: float) -> bool:
+    """Whether the sparsifier removes anything (Breadcrumbs' outliers even at density 1)."""
+    return sparsify != "none" and (density < 1.0 or sparsify == "outliers")
+
+
 def _sparsified(ctx: LeafContext, base: Array, models: tuple[Array, ...], *, sparsify: str,
                 scope: str, density: float, gamma: float, epsilon: float, rescale: str,
                 topk: str, rank_axis: int) -> tuple[Array, ...]:
     """The task vectors ``x_k - base`` after the sparsifier (and its rescale)."""
     taus = tuple(x - base for x in models)
-    if sparsify == "none" or (density >= 1.0 and sparsify != "outliers"):
+    if not _prunes(sparsify, density):
         return taus
     if sparsify in _RANDOM:
         if ctx.key is None:
@@ -261,7 +266,7 @@ def _chunked(settings_fn):
         s = settings_fn(hparams)
         if (s["scope"] != "tensor" or s["sparsify"] not in _MAGNITUDE_BASED
                 or s["rescale"] not in ("none", "density")
-                or (s["density"] >= 1.0 and s["sparsify"] != "outliers")):
+                or not _prunes(s["sparsify"], s["density"])):
             return None
         ranks = functools.partial(_ranks, sparsify=s["sparsify"], density=s["density"],
                                   gamma=s["gamma"], topk=s["topk"])

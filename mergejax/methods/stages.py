@@ -672,8 +672,7 @@ def _chunk_low(acc: Array, inputs: tuple[Array, ...], valid: Array, high_bins: A
 @functools.partial(jax.jit, static_argnames=("values_of",), donate_argnums=0)
 def _chunk_window(acc: Array, inputs: tuple[Array, ...], valid: Array, window: Window, *,
                   values_of) -> Array:
-    return _window_histograms(acc, inputs, values_of, window, bins=acc.shape[-1] - 1,
-                              valid=valid)
+    return _window_histograms(acc, inputs, values_of, window, valid=valid)
 
 
 _chunk_spread_window = jax.jit(spread_window, static_argnames=("max_shift",))
